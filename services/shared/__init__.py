@@ -1,0 +1,1 @@
+"""What every Roundtable service needs, written once: settings, server bootstrap, logging, metrics."""

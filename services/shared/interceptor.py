@@ -1,0 +1,164 @@
+"""The one server interceptor: go-grpc-prometheus metrics and domain-error mapping for every RPC."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+
+from services.shared import metrics
+from services.shared.errors import RoundtableError, to_grpc_status
+
+logger = logging.getLogger(__name__)
+
+Continuation = Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler | None]]
+
+
+class _MethodMetrics:
+    """Label children of one method, resolved once: labels() costs more than the increment."""
+
+    def __init__(self, full_method: str, grpc_type: str) -> None:
+        service, method = metrics.split_method(full_method)
+        self._labels = (grpc_type, service, method)
+        self.started = metrics.SERVER_STARTED.labels(*self._labels)
+        self.received = metrics.SERVER_MSG_RECEIVED.labels(*self._labels)
+        self.sent = metrics.SERVER_MSG_SENT.labels(*self._labels)
+        self.seconds = metrics.SERVER_HANDLING_SECONDS.labels(*self._labels)
+        self._handled: dict[grpc.StatusCode, Any] = {}
+
+    def handled(self, code: grpc.StatusCode) -> Any:
+        """The handled_total child for this code."""
+        child = self._handled.get(code)
+        if child is None:
+            child = self._handled[code] = metrics.SERVER_HANDLED.labels(*self._labels, code.name)
+        return child
+
+
+def _final_code(context: grpc.aio.ServicerContext, default: grpc.StatusCode) -> grpc.StatusCode:
+    code = context.code()
+    if isinstance(code, grpc.StatusCode):
+        return code
+    return default
+
+
+async def _abort(context: grpc.aio.ServicerContext, error: RoundtableError) -> None:
+    await context.abort_with_status(to_grpc_status(error))
+
+
+class ServerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+    """Counts and times every RPC and turns RoundtableError into its status with details."""
+
+    def __init__(self) -> None:
+        self._wrapped: dict[str, grpc.RpcMethodHandler] = {}
+
+    async def intercept_service(
+        self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
+    ) -> grpc.RpcMethodHandler | None:
+        """Return the cached wrapped handler for the method."""
+        method = handler_call_details.method
+        wrapped = self._wrapped.get(method)
+        if wrapped is not None:
+            return wrapped
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return None
+        wrapped = self._wrap(method, handler)
+        self._wrapped[method] = wrapped
+        return wrapped
+
+    def _wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        if handler.unary_unary is not None:
+            return grpc.unary_unary_rpc_method_handler(
+                self._unary(method, handler.unary_unary),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.unary_stream is not None and inspect.isasyncgenfunction(handler.unary_stream):
+            return grpc.unary_stream_rpc_method_handler(
+                self._server_stream(method, handler.unary_stream),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.unary_stream is not None:
+            # A streaming handler that writes through context.write (health Watch) is a coroutine.
+            return grpc.unary_stream_rpc_method_handler(
+                self._unary(method, handler.unary_stream, "server_stream"),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        # Client- and bidi-streaming RPCs (reflection) are not part of our contracts; pass them through.
+        return handler
+
+    def _unary(
+        self, method: str, behavior: Callable[..., Awaitable[Any]], grpc_type: str = "unary"
+    ) -> Callable[..., Awaitable[Any]]:
+        stats = _MethodMetrics(method, grpc_type)
+
+        async def handle(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            stats.started.inc()
+            stats.received.inc()
+            started = time.perf_counter()
+            code = grpc.StatusCode.UNKNOWN
+            try:
+                response = await behavior(request, context)
+                code = _final_code(context, grpc.StatusCode.OK)
+                if code is grpc.StatusCode.OK:
+                    stats.sent.inc()
+                return response
+            except RoundtableError as error:
+                code = error.code
+                await _abort(context, error)
+            except asyncio.CancelledError:
+                code = grpc.StatusCode.CANCELLED
+                raise
+            except grpc.aio.AbortError:
+                code = _final_code(context, grpc.StatusCode.UNKNOWN)
+                raise
+            except Exception:
+                logger.exception("unhandled error in %s", method)
+                code = grpc.StatusCode.INTERNAL
+                await context.abort(grpc.StatusCode.INTERNAL, "internal error; see the server log")
+            finally:
+                stats.handled(code).inc()
+                stats.seconds.observe(time.perf_counter() - started)
+
+        return handle
+
+    def _server_stream(
+        self, method: str, behavior: Callable[..., AsyncIterator[Any]]
+    ) -> Callable[..., AsyncIterator[Any]]:
+        stats = _MethodMetrics(method, "server_stream")
+
+        async def handle(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            stats.started.inc()
+            stats.received.inc()
+            started = time.perf_counter()
+            code = grpc.StatusCode.UNKNOWN
+            try:
+                async for response in behavior(request, context):
+                    stats.sent.inc()
+                    yield response
+                code = _final_code(context, grpc.StatusCode.OK)
+            except RoundtableError as error:
+                code = error.code
+                await _abort(context, error)
+            except (asyncio.CancelledError, GeneratorExit):
+                code = grpc.StatusCode.CANCELLED
+                raise
+            except grpc.aio.AbortError:
+                code = _final_code(context, grpc.StatusCode.UNKNOWN)
+                raise
+            except Exception:
+                logger.exception("unhandled error in %s", method)
+                code = grpc.StatusCode.INTERNAL
+                await context.abort(grpc.StatusCode.INTERNAL, "internal error; see the server log")
+            finally:
+                stats.handled(code).inc()
+                stats.seconds.observe(time.perf_counter() - started)
+
+        return handle

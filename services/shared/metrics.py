@@ -1,0 +1,64 @@
+"""Prometheus metrics every service exports: go-grpc-prometheus names plus the /metrics endpoint."""
+
+from __future__ import annotations
+
+import threading
+from wsgiref.simple_server import WSGIServer
+
+import prometheus_client
+from prometheus_client import Counter, Histogram
+
+GRPC_LABELS = ("grpc_type", "grpc_service", "grpc_method")
+
+# Names, labels and buckets follow go-grpc-prometheus so stock dashboards work.
+SERVER_STARTED = Counter("grpc_server_started_total", "RPCs started on the server.", GRPC_LABELS)
+SERVER_HANDLED = Counter(
+    "grpc_server_handled_total",
+    "RPCs completed on the server, regardless of success or failure.",
+    (*GRPC_LABELS, "grpc_code"),
+)
+SERVER_MSG_RECEIVED = Counter(
+    "grpc_server_msg_received_total", "Stream messages received by the server.", GRPC_LABELS
+)
+SERVER_MSG_SENT = Counter("grpc_server_msg_sent_total", "Stream messages sent by the server.", GRPC_LABELS)
+SERVER_HANDLING_SECONDS = Histogram(
+    "grpc_server_handling_seconds",
+    "Response latency of RPCs handled by the server, until the last message is sent.",
+    GRPC_LABELS,
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
+)
+
+CLIENT_STARTED = Counter("grpc_client_started_total", "RPCs started by the client.", GRPC_LABELS)
+CLIENT_HANDLED = Counter(
+    "grpc_client_handled_total", "RPCs completed by the client.", (*GRPC_LABELS, "grpc_code")
+)
+CLIENT_MSG_RECEIVED = Counter(
+    "grpc_client_msg_received_total", "Stream messages received by the client.", GRPC_LABELS
+)
+CLIENT_HANDLING_SECONDS = Histogram(
+    "grpc_client_handling_seconds",
+    "Latency of RPCs made by the client, until the last message is received.",
+    GRPC_LABELS,
+    buckets=SERVER_HANDLING_SECONDS._upper_bounds[:-1],
+)
+
+
+def split_method(full_method: str) -> tuple[str, str]:
+    """'/pkg.Service/Method' → ('pkg.Service', 'Method')."""
+    _, service, method = full_method.split("/", 2) if full_method.count("/") >= 2 else ("", "", full_method)
+    return service, method
+
+
+class MetricsServer:
+    """The /metrics HTTP endpoint of one process, on its own thread."""
+
+    def __init__(self, host: str, port: int) -> None:
+        server, thread = prometheus_client.start_http_server(port, addr=host)
+        self._server: WSGIServer = server
+        self._thread: threading.Thread = thread
+        self.port: int = server.server_port
+
+    def stop(self) -> None:
+        """Stop serving and release the port."""
+        self._server.shutdown()
+        self._server.server_close()

@@ -1,0 +1,150 @@
+"""The one place a gRPC server is built, started and stopped, for every service."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Callable, Sequence
+from typing import Protocol
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from services.shared.interceptor import ServerInterceptor
+from services.shared.logs import setup_logging
+from services.shared.metrics import MetricsServer
+from services.shared.reporter import InstanceLoad, MonitorReporter
+from services.shared.settings import S, ServiceSettings, load_settings
+
+logger = logging.getLogger(__name__)
+
+
+class Service(Protocol):
+    """What a service hands the host: its servicers and its own start/drain/close steps."""
+
+    name: str
+    grpc_services: Sequence[str]
+
+    def register(self, server: grpc.aio.Server) -> None:
+        """Add the servicers to the server."""
+
+    async def start(self) -> None:
+        """Start background work (after the port is bound, before traffic)."""
+
+    async def drain(self, grace_seconds: float) -> None:
+        """Refuse new work and let in-flight work finish, within the grace period."""
+
+    async def close(self) -> None:
+        """Release resources after the server has stopped."""
+
+    def load(self) -> InstanceLoad:
+        """Current load, for monitor reports."""
+
+
+def server_options(settings: ServiceSettings) -> list[tuple[str, int]]:
+    """Channel arguments every server uses."""
+    return [
+        ("grpc.max_receive_message_length", settings.max_message_bytes),
+        ("grpc.max_send_message_length", settings.max_message_bytes),
+        # Above admission's limits, so overload is answered by RESOURCE_EXHAUSTED, not CANCELLED.
+        ("grpc.server.max_pending_requests", settings.max_pending_rpcs),
+        ("grpc.server.max_pending_requests_hard_limit", settings.max_pending_rpcs * 3),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+    ]
+
+
+class ServiceHost:
+    """A service's gRPC server with health, reflection, metrics and monitor reports."""
+
+    def __init__(self, settings: ServiceSettings, service: Service) -> None:
+        self.settings = settings
+        self.service = service
+        self.health = health.aio.HealthServicer()
+        self.server = grpc.aio.server(interceptors=[ServerInterceptor()], options=server_options(settings))
+        self.port = 0
+        self.metrics: MetricsServer | None = None
+        self._reporter: MonitorReporter | None = None
+        self._stopping = False
+
+    @property
+    def address(self) -> str:
+        """host:port the server listens on."""
+        return f"{self.settings.host}:{self.port}"
+
+    async def start(self) -> None:
+        """Bind, start serving, and mark every service SERVING."""
+        self.service.register(self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        if self.settings.enable_reflection:
+            names = [*self.service.grpc_services, health.SERVICE_NAME, reflection.SERVICE_NAME]
+            reflection.enable_server_reflection(names, self.server)
+        self.port = self.server.add_insecure_port(f"{self.settings.host}:{self.settings.port}")
+        if self.port == 0:
+            raise OSError(f"cannot bind {self.settings.host}:{self.settings.port}")
+        if self.settings.metrics_port >= 0:
+            self.metrics = MetricsServer(self.settings.host, self.settings.metrics_port)
+        await self.service.start()
+        await self.server.start()
+        for name in ("", *self.service.grpc_services):
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        if self.settings.monitor_address:
+            self._reporter = MonitorReporter(
+                monitor_address=self.settings.monitor_address,
+                interval_seconds=self.settings.report_interval_seconds,
+                instance_id=self.settings.instance_id,
+                service=self.service.name,
+                address=self.address,
+                grpc_services=list(self.service.grpc_services),
+                load=self.service.load,
+            )
+            self._reporter.start()
+        logger.info(
+            "%s service listening on %s (metrics on %s)",
+            self.service.name,
+            self.address,
+            f"{self.settings.host}:{self.metrics.port}" if self.metrics else "off",
+        )
+
+    async def stop(self, grace_seconds: float | None = None) -> None:
+        """Graceful stop: NOT_SERVING first so balancers move away, then drain, then close."""
+        if self._stopping:
+            return
+        self._stopping = True
+        grace = self.settings.shutdown_grace_seconds if grace_seconds is None else grace_seconds
+        await self.health.enter_graceful_shutdown()
+        await self.service.drain(grace)
+        # stop(grace) refuses new RPCs at once and cancels those still running after `grace` seconds.
+        await self.server.stop(grace)
+        if self._reporter is not None:
+            await self._reporter.stop()
+        await self.service.close()
+        if self.metrics is not None:
+            self.metrics.stop()
+        logger.info("%s service stopped", self.service.name)
+
+
+def run_service(settings_cls: type[S], build: Callable[[S], Service], argv: list[str] | None = None) -> None:
+    """Entry point of a service process: settings, logging, serve until SIGTERM/SIGINT."""
+    settings = load_settings(settings_cls, argv)
+    setup_logging(settings.log_level, settings.log_format, settings_cls.__name__)
+    asyncio.run(serve(settings, build))
+
+
+async def serve(settings: S, build: Callable[[S], Service]) -> None:
+    """Run a service until SIGTERM or SIGINT, then stop it gracefully."""
+    service = build(settings)
+    host = ServiceHost(settings, service)
+    await host.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    # A parent (roundtable up, a test) reads this line to learn the ports.
+    metrics_port = host.metrics.port if host.metrics else -1
+    print(f"{service.name} listening on {host.address} metrics {metrics_port}", flush=True)
+    await stop.wait()
+    logger.info("%s service: shutdown requested", service.name)
+    await host.stop()
