@@ -35,9 +35,7 @@ class InvalidArgument(RoundtableError):
             return []
         return [
             error_details_pb2.BadRequest(
-                field_violations=[
-                    error_details_pb2.BadRequest.FieldViolation(field=self.field, description=str(self))
-                ]
+                field_violations=[error_details_pb2.BadRequest.FieldViolation(field=self.field, description=str(self))]
             )
         ]
 
@@ -80,9 +78,7 @@ class ResourceExhausted(RoundtableError):
                 retry_delay=duration_pb2.Duration(seconds=whole, nanos=int((seconds - whole) * 1e9))
             ),
             error_details_pb2.QuotaFailure(
-                violations=[
-                    error_details_pb2.QuotaFailure.Violation(subject=self.subject, description=self.limit)
-                ]
+                violations=[error_details_pb2.QuotaFailure.Violation(subject=self.subject, description=self.limit)]
             ),
         ]
 

@@ -17,9 +17,7 @@ SERVER_HANDLED = Counter(
     "RPCs completed on the server, regardless of success or failure.",
     (*GRPC_LABELS, "grpc_code"),
 )
-SERVER_MSG_RECEIVED = Counter(
-    "grpc_server_msg_received_total", "Stream messages received by the server.", GRPC_LABELS
-)
+SERVER_MSG_RECEIVED = Counter("grpc_server_msg_received_total", "Stream messages received by the server.", GRPC_LABELS)
 SERVER_MSG_SENT = Counter("grpc_server_msg_sent_total", "Stream messages sent by the server.", GRPC_LABELS)
 SERVER_HANDLING_SECONDS = Histogram(
     "grpc_server_handling_seconds",
@@ -29,12 +27,7 @@ SERVER_HANDLING_SECONDS = Histogram(
 )
 
 CLIENT_STARTED = Counter("grpc_client_started_total", "RPCs started by the client.", GRPC_LABELS)
-CLIENT_HANDLED = Counter(
-    "grpc_client_handled_total", "RPCs completed by the client.", (*GRPC_LABELS, "grpc_code")
-)
-CLIENT_MSG_RECEIVED = Counter(
-    "grpc_client_msg_received_total", "Stream messages received by the client.", GRPC_LABELS
-)
+CLIENT_HANDLED = Counter("grpc_client_handled_total", "RPCs completed by the client.", (*GRPC_LABELS, "grpc_code"))
 CLIENT_HANDLING_SECONDS = Histogram(
     "grpc_client_handling_seconds",
     "Latency of RPCs made by the client, until the last message is received.",

@@ -27,11 +27,11 @@ class Service(Protocol):
     name: str
     grpc_services: Sequence[str]
 
+    async def start(self) -> None:
+        """Open resources and start background work; runs before register()."""
+
     def register(self, server: grpc.aio.Server) -> None:
         """Add the servicers to the server."""
-
-    async def start(self) -> None:
-        """Start background work (after the port is bound, before traffic)."""
 
     async def drain(self, grace_seconds: float) -> None:
         """Refuse new work and let in-flight work finish, within the grace period."""
@@ -76,6 +76,8 @@ class ServiceHost:
 
     async def start(self) -> None:
         """Bind, start serving, and mark every service SERVING."""
+        # The service builds its servicers (store, channels) before they are registered.
+        await self.service.start()
         self.service.register(self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         if self.settings.enable_reflection:
@@ -86,7 +88,6 @@ class ServiceHost:
             raise OSError(f"cannot bind {self.settings.host}:{self.settings.port}")
         if self.settings.metrics_port >= 0:
             self.metrics = MetricsServer(self.settings.host, self.settings.metrics_port)
-        await self.service.start()
         await self.server.start()
         for name in ("", *self.service.grpc_services):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)

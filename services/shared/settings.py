@@ -38,9 +38,7 @@ class ServiceSettings(BaseSettings):
     shutdown_grace_seconds: float = Field(
         10.0, ge=0, description="On SIGTERM, how long in-flight RPCs may take to finish."
     )
-    max_message_bytes: int = Field(
-        4 * 1024 * 1024, ge=1024, description="Largest gRPC message accepted or sent."
-    )
+    max_message_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="Largest gRPC message accepted or sent.")
     max_pending_rpcs: int = Field(
         10_000,
         ge=1,

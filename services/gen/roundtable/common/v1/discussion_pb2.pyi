@@ -70,7 +70,9 @@ Global___TokenUsage: _TypeAlias = TokenUsage  # noqa: Y015
 
 @_typing.final
 class AgentStarted(_message.Message):
-    """An agent began its answer for a round."""
+    """An agent began its answer for a round. Rounds count from 1; the moderator's
+    summary is the step after the last round (round = rounds + 1).
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 

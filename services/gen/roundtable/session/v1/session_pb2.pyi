@@ -152,6 +152,7 @@ class Discussion(_message.Message):
     USAGE_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     LAST_SEQUENCE_FIELD_NUMBER: _builtins.int
+    TTL_FIELD_NUMBER: _builtins.int
     discussion_id: _builtins.str
     topic: _builtins.str
     status: Global___DiscussionStatus.ValueType
@@ -181,6 +182,10 @@ class Discussion(_message.Message):
     def usage(self) -> _discussion_pb2.TokenUsage:
         """Tokens spent by every agent over every round, summary included."""
 
+    @_builtins.property
+    def ttl(self) -> _duration_pb2.Duration:
+        """Idle time after which the discussion expires (the request's ttl, bounded by the server)."""
+
     def __init__(
         self,
         *,
@@ -200,10 +205,11 @@ class Discussion(_message.Message):
         usage: _discussion_pb2.TokenUsage | None = ...,
         request_id: _builtins.str = ...,
         last_sequence: _builtins.int = ...,
+        ttl: _duration_pb2.Duration | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "expires_at", b"expires_at", "last_accessed_at", b"last_accessed_at", "updated_at", b"updated_at", "usage", b"usage"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "expires_at", b"expires_at", "last_accessed_at", b"last_accessed_at", "ttl", b"ttl", "updated_at", b"updated_at", "usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["completed_agents", b"completed_agents", "created_at", b"created_at", "discussion_id", b"discussion_id", "error", b"error", "expires_at", b"expires_at", "last_accessed_at", b"last_accessed_at", "last_sequence", b"last_sequence", "personas", b"personas", "request_id", b"request_id", "results", b"results", "rounds", b"rounds", "status", b"status", "summary", b"summary", "topic", b"topic", "updated_at", b"updated_at", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["completed_agents", b"completed_agents", "created_at", b"created_at", "discussion_id", b"discussion_id", "error", b"error", "expires_at", b"expires_at", "last_accessed_at", b"last_accessed_at", "last_sequence", b"last_sequence", "personas", b"personas", "request_id", b"request_id", "results", b"results", "rounds", b"rounds", "status", b"status", "summary", b"summary", "topic", b"topic", "ttl", b"ttl", "updated_at", b"updated_at", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

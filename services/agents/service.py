@@ -1,0 +1,71 @@
+"""The agent service as the shared server host runs it."""
+
+from __future__ import annotations
+
+import grpc
+from prometheus_client import Gauge
+
+from services.agents.agent_set import AgentSetRegistry
+from services.agents.discussion import StreamingLimits
+from services.agents.llm import OpenAIChatClient
+from services.agents.personas import PersonaRegistry
+from services.agents.servicer import AgentServicer
+from services.agents.settings import AgentsSettings
+from services.gen.roundtable.agents.v1 import agents_pb2_grpc
+from services.shared.reporter import InstanceLoad
+
+LIVE_AGENT_SETS = Gauge("roundtable_agent_sets_live", "Agent sets alive on this agent replica.")
+
+
+class AgentsService:
+    """Owns the persona registry, the agent sets and the LLM client of one replica."""
+
+    name = "agents"
+    grpc_services = ("roundtable.agents.v1.AgentService",)
+
+    def __init__(self, settings: AgentsSettings, llm: OpenAIChatClient | None = None) -> None:
+        self.settings = settings
+        self.personas = PersonaRegistry.load(settings.personas_file)
+        self.registry = AgentSetRegistry(settings.max_agent_sets)
+        self.llm = llm or OpenAIChatClient(
+            base_url=settings.llm_base_url,
+            api_key=settings.llm_api_key,
+            model=settings.llm_model,
+            temperature=settings.llm_temperature,
+            max_tokens=settings.llm_max_tokens,
+            max_retries=settings.llm_max_retries,
+            max_concurrent_calls=settings.max_concurrent_llm_calls,
+        )
+        self.servicer = AgentServicer(
+            personas=self.personas,
+            registry=self.registry,
+            llm=self.llm,
+            limits=StreamingLimits(
+                flush_chars=settings.delta_flush_chars,
+                flush_interval_seconds=settings.delta_flush_interval_ms / 1000,
+                llm_timeout_seconds=settings.llm_timeout_seconds,
+            ),
+            release_grace_seconds=settings.release_grace_seconds,
+            backend=settings.llm_backend,
+            model=settings.llm_model,
+        )
+        LIVE_AGENT_SETS.set_function(lambda: len(self.registry))
+
+    def register(self, server: grpc.aio.Server) -> None:
+        """Add the AgentService servicer."""
+        agents_pb2_grpc.add_AgentServiceServicer_to_server(self.servicer, server)
+
+    async def start(self) -> None:
+        """Nothing runs in the background."""
+
+    async def drain(self, grace_seconds: float) -> None:
+        """In-flight RunDiscussion streams finish within the server's grace period."""
+
+    async def close(self) -> None:
+        """Drop every agent set and close the LLM connection pool."""
+        self.registry.release_all()
+        await self.llm.close()
+
+    def load(self) -> InstanceLoad:
+        """Live agent sets, for monitor reports."""
+        return InstanceLoad(live_agent_sets=len(self.registry))

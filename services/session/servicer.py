@@ -1,0 +1,211 @@
+"""SessionService servicer: the public contract, translated to the store and the runner."""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+from collections.abc import AsyncIterator
+
+import grpc
+
+from services.gen.roundtable.session.v1 import session_pb2, session_pb2_grpc
+from services.session import validation
+from services.session.admission import Admission
+from services.session.notifier import EventNotifier
+from services.session.personas import PersonaCatalog
+from services.session.runner import DiscussionRunner, is_terminal, now_timestamp
+from services.session.settings import SessionSettings
+from services.session.store import InvalidPageToken, Store
+from services.shared.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
+
+logger = logging.getLogger(__name__)
+
+# Until authentication lands every caller is this one local principal.
+ANONYMOUS = "anonymous"
+EVENTS_PER_READ = 256
+# A reader re-checks the store this often even without a wake-up (belt and braces).
+STREAM_POLL_SECONDS = 2.0
+
+
+class SessionServicer(session_pb2_grpc.SessionServiceServicer):
+    """Creates, reads, streams, cancels, lists and deletes discussions."""
+
+    def __init__(
+        self,
+        *,
+        settings: SessionSettings,
+        store: Store,
+        runner: DiscussionRunner,
+        admission: Admission,
+        notifier: EventNotifier,
+        personas: PersonaCatalog,
+    ) -> None:
+        self._settings = settings
+        self._store = store
+        self._runner = runner
+        self._admission = admission
+        self._notifier = notifier
+        self._personas = personas
+
+    async def CreateDiscussion(
+        self, request: session_pb2.CreateDiscussionRequest, context: grpc.aio.ServicerContext
+    ) -> session_pb2.Discussion:
+        """Validate, admit, store, then start the discussion."""
+        topic = validation.topic(request.topic, self._settings.max_topic_chars)
+        rounds = validation.rounds(request.rounds, self._settings.max_rounds)
+        request_id = validation.request_id(request.request_id)
+        ttl_seconds = self._ttl_seconds(request)
+        personas = await self._personas.resolve(list(request.personas))
+        owner = ANONYMOUS
+        if self._admission.closed:
+            raise Unavailable("the server is shutting down; retry with the same request_id")
+        self._admission.admit()
+        started = False
+        try:
+            now = now_timestamp()
+            doc = session_pb2.Discussion(
+                discussion_id=secrets.token_hex(16),
+                topic=topic,
+                status=session_pb2.DISCUSSION_STATUS_RUNNING,
+                personas=personas,
+                rounds=rounds,
+                created_at=now,
+                updated_at=now,
+                last_accessed_at=now,
+                request_id=request_id,
+            )
+            doc.ttl.FromNanoseconds(int(ttl_seconds * 1e9))
+            doc.expires_at.FromNanoseconds(now.ToNanoseconds() + doc.ttl.ToNanoseconds())
+            stored = await self._store.create(owner, doc)
+            if stored.discussion_id != doc.discussion_id:
+                return self._runner.live_document(stored.discussion_id) or stored  # idempotent replay
+            self._runner.start(stored)
+            started = True
+            return stored
+        finally:
+            if not started:
+                self._admission.release()
+
+    async def GetDiscussion(
+        self, request: session_pb2.GetDiscussionRequest, context: grpc.aio.ServicerContext
+    ) -> session_pb2.Discussion:
+        """The whole document; touches last_accessed_at."""
+        doc = await self._visible(request.discussion_id)
+        await self._touch(doc)
+        return doc
+
+    async def StreamDiscussion(
+        self, request: session_pb2.StreamDiscussionRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[session_pb2.DiscussionEvent]:
+        """Replay events after after_sequence, then follow live until the discussion is terminal."""
+        if request.after_sequence < 0:
+            raise InvalidArgument("after_sequence must not be negative", "after_sequence")
+        doc = await self._visible(request.discussion_id)
+        await self._touch(doc)
+        discussion_id = doc.discussion_id
+        last = request.after_sequence
+        while True:
+            events = await self._store.events_after(discussion_id, last, EVENTS_PER_READ)
+            for event in events:
+                yield event
+                last = event.sequence
+                if event.WhichOneof("event") == "status_changed" and is_terminal(event.status_changed.status):
+                    return
+            if events:
+                continue
+            if discussion_id not in self._runner.active:
+                # Not running here: everything it will ever have is in the store. One last look
+                # covers events written between the read above and the runner finishing.
+                if not await self._store.events_after(discussion_id, last, 1):
+                    return
+                continue
+            await self._notifier.wait_beyond(discussion_id, last, STREAM_POLL_SECONDS)
+
+    async def CancelDiscussion(
+        self, request: session_pb2.CancelDiscussionRequest, context: grpc.aio.ServicerContext
+    ) -> session_pb2.Discussion:
+        """Stop the agents now; CANCELLED, partial results kept."""
+        doc = await self._visible(request.discussion_id)
+        if is_terminal(doc.status):
+            raise FailedPrecondition(
+                f"discussion {doc.discussion_id} is already {session_pb2.DiscussionStatus.Name(doc.status)}"
+            )
+        stopped = await self._runner.stop(
+            doc.discussion_id, session_pb2.DISCUSSION_STATUS_CANCELLED, "cancelled by the client"
+        )
+        if stopped:
+            await self._runner.release_agents(doc.discussion_id)
+        found = await self._store.get(doc.discussion_id)
+        if found is None:
+            raise NotFound(f"discussion {doc.discussion_id} not found")
+        if not is_terminal(found.status):
+            raise FailedPrecondition(f"discussion {doc.discussion_id} is not running on this replica")
+        return found
+
+    async def ListDiscussions(
+        self, request: session_pb2.ListDiscussionsRequest, context: grpc.aio.ServicerContext
+    ) -> session_pb2.ListDiscussionsResponse:
+        """The caller's discussions, newest first."""
+        page_size = validation.page_size(request.page_size)
+        if not session_pb2.DiscussionStatus.IsValid(request.status):  # type: ignore[attr-defined]
+            raise InvalidArgument(f"status {request.status} is not a DiscussionStatus", "status")
+        try:
+            discussions, next_token = await self._store.list(ANONYMOUS, request.status, page_size, request.page_token)
+        except InvalidPageToken as error:
+            raise InvalidArgument(str(error), "page_token") from error
+        return session_pb2.ListDiscussionsResponse(discussions=discussions, next_page_token=next_token)
+
+    async def DeleteDiscussion(
+        self, request: session_pb2.DeleteDiscussionRequest, context: grpc.aio.ServicerContext
+    ) -> session_pb2.DeleteDiscussionResponse:
+        """Remove the discussion, its events and its agent set."""
+        doc = await self._visible(request.discussion_id)
+        await self._runner.stop(doc.discussion_id, session_pb2.DISCUSSION_STATUS_CANCELLED, "deleted by the client")
+        await self._store.delete(doc.discussion_id)
+        await self._runner.release_agents(doc.discussion_id)
+        return session_pb2.DeleteDiscussionResponse()
+
+    async def _visible(self, discussion_id: str) -> session_pb2.Discussion:
+        """The caller's discussion, freshest copy; NOT_FOUND for unknown ids and other callers' ones."""
+        validation.discussion_id(discussion_id)
+        live = self._runner.live_document(discussion_id)
+        if live is not None:
+            return _copy(live)
+        doc = await self._store.get(discussion_id)
+        if doc is None or await self._store.owner(discussion_id) != ANONYMOUS:
+            raise NotFound(f"discussion {discussion_id} not found (it may have expired or been deleted)")
+        return doc
+
+    async def _touch(self, doc: session_pb2.Discussion) -> None:
+        """Record an access, at most once per tenth of the ttl (or minute), so reads stay cheap."""
+        now = time.time()
+        ttl_seconds = doc.ttl.ToNanoseconds() / 1e9
+        last = doc.last_accessed_at.ToNanoseconds() / 1e9
+        if now - last < min(60.0, ttl_seconds / 10):
+            return
+        expires_at = now + ttl_seconds
+        doc.last_accessed_at.FromNanoseconds(int(now * 1e9))
+        doc.expires_at.FromNanoseconds(int(expires_at * 1e9))
+        live = self._runner.live_document(doc.discussion_id)
+        if live is not None:
+            # The runner's next save persists it; writing here could race that save with a stale copy.
+            live.last_accessed_at.CopyFrom(doc.last_accessed_at)
+            live.expires_at.CopyFrom(doc.expires_at)
+            return
+        await self._store.touch(doc.discussion_id, now, expires_at)
+
+    def _ttl_seconds(self, request: session_pb2.CreateDiscussionRequest) -> float:
+        maximum = self._settings.session_timeout_seconds
+        if not request.HasField("ttl"):
+            return maximum
+        ttl = request.ttl.ToNanoseconds() / 1e9
+        if ttl <= 0 or ttl > maximum:
+            raise InvalidArgument(f"ttl must be above 0 and at most {maximum:.0f} seconds", "ttl")
+        return ttl
+
+
+def _copy(doc: session_pb2.Discussion) -> session_pb2.Discussion:
+    copy = session_pb2.Discussion()
+    copy.CopyFrom(doc)
+    return copy

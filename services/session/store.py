@@ -1,0 +1,112 @@
+"""The Store interface: discussions, their event logs, the owner index and idempotency keys.
+
+Implementations (memory, SQLite; Redis in the scale-out work) pass one contract
+test suite, tests/session/test_store_contract.py.
+"""
+
+from __future__ import annotations
+
+import base64
+from typing import Protocol
+
+from services.gen.roundtable.session.v1 import session_pb2
+
+Discussion = session_pb2.Discussion
+DiscussionEvent = session_pb2.DiscussionEvent
+DiscussionStatus = session_pb2.DiscussionStatus
+
+TERMINAL_STATUSES = frozenset(
+    {
+        session_pb2.DISCUSSION_STATUS_COMPLETED,
+        session_pb2.DISCUSSION_STATUS_FAILED,
+        session_pb2.DISCUSSION_STATUS_CANCELLED,
+        session_pb2.DISCUSSION_STATUS_TIMED_OUT,
+        session_pb2.DISCUSSION_STATUS_INTERRUPTED,
+    }
+)
+UNFINISHED_STATUSES = frozenset({session_pb2.DISCUSSION_STATUS_QUEUED, session_pb2.DISCUSSION_STATUS_RUNNING})
+
+
+class Store(Protocol):
+    """Durable home of discussions and their events."""
+
+    async def create(self, owner: str, discussion: Discussion) -> Discussion:
+        """Insert a discussion; if the owner already used its request_id, return that one instead."""
+        ...
+
+    async def get(self, discussion_id: str) -> Discussion | None:
+        """The stored document, or None."""
+        ...
+
+    async def owner(self, discussion_id: str) -> str | None:
+        """The principal that owns the discussion, or None if it does not exist."""
+        ...
+
+    async def save(self, discussion: Discussion) -> None:
+        """Replace the stored document (it must exist)."""
+        ...
+
+    async def touch(self, discussion_id: str, last_accessed_at: float, expires_at: float) -> None:
+        """Record a read: new last-access and expiry times (seconds since the epoch)."""
+        ...
+
+    async def append_events(self, events: list[DiscussionEvent]) -> None:
+        """Append events; each (discussion_id, sequence) is written once."""
+        ...
+
+    async def events_after(self, discussion_id: str, after_sequence: int, limit: int) -> list[DiscussionEvent]:
+        """Up to `limit` events with sequence > after_sequence, in order."""
+        ...
+
+    async def list(
+        self, owner: str, status: DiscussionStatus, page_size: int, page_token: str
+    ) -> tuple[list[Discussion], str]:
+        """The owner's discussions newest first (all statuses if UNSPECIFIED), and the next page token."""
+        ...
+
+    async def delete(self, discussion_id: str) -> bool:
+        """Remove a discussion and its events; False if it did not exist."""
+        ...
+
+    async def expired(self, now: float, limit: int) -> list[str]:
+        """Ids of discussions whose expiry time has passed."""
+        ...
+
+    async def unfinished(self) -> list[Discussion]:
+        """Discussions left QUEUED or RUNNING (after a restart)."""
+        ...
+
+    async def close(self) -> None:
+        """Flush and release resources."""
+        ...
+
+
+class InvalidPageToken(ValueError):
+    """A page token that this store did not hand out."""
+
+
+def encode_page_token(created_at_nanos: int, discussion_id: str) -> str:
+    """Keyset cursor: the last item's creation time and id."""
+    return base64.urlsafe_b64encode(f"{created_at_nanos}:{discussion_id}".encode()).decode()
+
+
+def decode_page_token(token: str) -> tuple[int, str]:
+    """Inverse of encode_page_token; raises InvalidPageToken."""
+    try:
+        created, discussion_id = base64.urlsafe_b64decode(token.encode()).decode().split(":", 1)
+        return int(created), discussion_id
+    except (ValueError, UnicodeError) as error:
+        raise InvalidPageToken("page_token is not one this server issued") from error
+
+
+def created_nanos(discussion: Discussion) -> int:
+    """Creation time in nanoseconds, the primary sort key of listings."""
+    return discussion.created_at.ToNanoseconds()
+
+
+def summary_view(discussion: Discussion) -> Discussion:
+    """A listing's copy: the document without results."""
+    copy = Discussion()
+    copy.CopyFrom(discussion)
+    del copy.results[:]
+    return copy

@@ -1,0 +1,1 @@
+"""OpenAI-compatible LLM simulator used by Roundtable tests, benchmarks and demos."""

@@ -1,0 +1,85 @@
+"""Configuration for the LLM simulator: start-up settings and the runtime-tunable subset."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+# Shared constrained types so start-up settings and runtime updates validate identically.
+Probability = Annotated[float, Field(ge=0.0, le=1.0)]
+NonNegativeFloat = Annotated[float, Field(ge=0.0)]
+PositiveFloat = Annotated[float, Field(gt=0.0)]
+# NoDecode lets the validator below accept "Alice,Bob" from env as well as a JSON list.
+PersonaList = Annotated[list[str], NoDecode]
+
+
+def parse_persona_list(value: Any) -> Any:
+    """Turn a comma-separated or JSON string into a list of stripped persona names."""
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("["):
+            value = json.loads(text)
+        else:
+            value = text.split(",")
+    if isinstance(value, list | tuple):
+        return [str(item).strip() for item in value if str(item).strip()]
+    return value
+
+
+class SimulatorSettings(BaseSettings):
+    """Start-up settings of the simulator, read from ROUNDTABLE_SIMULATOR_* env vars."""
+
+    model_config = SettingsConfigDict(env_prefix="ROUNDTABLE_SIMULATOR_", frozen=True)
+
+    host: str = Field(default="127.0.0.1", description="Interface to bind the HTTP server to.")
+    port: int = Field(default=50060, ge=0, le=65535, description="TCP port to listen on; 0 picks a free port.")
+    model: str = Field(default="roundtable-sim-1", description="Model id reported by /v1/models and answers.")
+    first_token_latency_ms: NonNegativeFloat = Field(
+        default=50.0, description="Delay before the first answer token, in milliseconds."
+    )
+    tokens_per_second: PositiveFloat = Field(default=200.0, description="Pace at which answer words are produced.")
+    max_tokens_default: int = Field(
+        default=64, ge=1, description="Answer length in words when a request does not set max_tokens."
+    )
+    fail_429_rate: Probability = Field(default=0.0, description="Probability that a request gets HTTP 429.")
+    fail_500_rate: Probability = Field(default=0.0, description="Probability that a request gets HTTP 500.")
+    hang_rate: Probability = Field(
+        default=0.0, description="Probability that a request never gets an answer until the client leaves."
+    )
+    retry_after_seconds: NonNegativeFloat = Field(
+        default=1.0, description="Value of the Retry-After header sent with simulated 429 responses."
+    )
+    seed: int = Field(default=0, description="Seed of the random generator that draws injected failures.")
+    fail_personas: PersonaList = Field(
+        default_factory=list, description="Personas whose requests always get HTTP 500 (comma list or JSON)."
+    )
+
+    _split_personas = field_validator("fail_personas", mode="before")(parse_persona_list)
+
+
+class RuntimeConfig(BaseModel):
+    """The part of the simulator's behaviour that tests may change while it runs."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    fail_429_rate: Probability = Field(default=0.0, description="Probability that a request gets HTTP 429.")
+    fail_500_rate: Probability = Field(default=0.0, description="Probability that a request gets HTTP 500.")
+    hang_rate: Probability = Field(default=0.0, description="Probability that a request hangs.")
+    retry_after_seconds: NonNegativeFloat = Field(default=1.0, description="Retry-After sent with a 429.")
+    first_token_latency_ms: NonNegativeFloat = Field(default=50.0, description="First-token delay in ms.")
+    tokens_per_second: PositiveFloat = Field(default=200.0, description="Answer words produced per second.")
+    fail_personas: list[str] = Field(default_factory=list, description="Personas that always get HTTP 500.")
+
+    _split_personas = field_validator("fail_personas", mode="before")(parse_persona_list)
+
+    @classmethod
+    def from_settings(cls, settings: SimulatorSettings) -> RuntimeConfig:
+        """Take the runtime-tunable values from the start-up settings."""
+        return cls.model_validate(settings.model_dump(include=set(cls.model_fields)))
+
+    def updated(self, changes: dict[str, Any]) -> RuntimeConfig:
+        """Return a validated copy with the given fields replaced (raises pydantic.ValidationError)."""
+        return type(self).model_validate({**self.model_dump(), **changes})
