@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
+from prometheus_client import CollectorRegistry
 
 from services.agents.service import AgentsService
 from services.agents.settings import AgentsSettings
@@ -80,9 +81,9 @@ async def start_suite(
 ) -> Suite:
     """Start every service on loopback with test-sized settings; overrides per service."""
     sim = await start_simulator(SimulatorSettings(**{**FAST_SIMULATOR, **(simulator or {})}))
-    monitor_host = ServiceHost(
-        settings := MonitorSettings(port=0, metrics_port=-1), MonitorService(settings)
-    )
+    # Its own registry: several suites may run in one test process.
+    settings = MonitorSettings(port=0, metrics_port=-1)
+    monitor_host = ServiceHost(settings, MonitorService(settings, registry=CollectorRegistry()))
     await monitor_host.start()
     common = {"port": 0, "metrics_port": -1, "monitor_address": monitor_host.address, "report_interval_seconds": 0.5}
     agents_settings = AgentsSettings(
@@ -102,6 +103,7 @@ async def start_suite(
             **common,
             "agents_address": agents_host.address,
             "sqlite_path": tmp_path / "roundtable.db",
+            "max_concurrent_sessions": 500,
             **(session or {}),
         }
     )

@@ -91,7 +91,9 @@ async def test_health_serving_and_reflection_on_every_service(suite: Suite) -> N
                 reply = await health.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
                 assert reply.status == health_pb2.HealthCheckResponse.SERVING, (host.service.name, service)
             reflection = reflection_pb2_grpc.ServerReflectionStub(channel)
-            responses = reflection.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
+            responses = reflection.ServerReflectionInfo(
+                iter([reflection_pb2.ServerReflectionRequest(list_services="")])
+            )
             async for response in responses:
                 names = {s.name for s in response.list_services_response.service}
                 assert set(host.service.grpc_services) <= names

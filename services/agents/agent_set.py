@@ -62,10 +62,11 @@ class AgentSetRegistry:
         """
         agent_set = self._sets.get(session_id)
         if agent_set is None:
+            # Make room first, so the set being created is never its own victim.
+            self._evict_over_cap(room_for=1)
             agent_set = AgentSet(session_id=session_id, agents={})
             self._sets[session_id] = agent_set
             self.created_total += 1
-            self._evict_over_cap()
         else:
             self._sets.move_to_end(session_id)
             if agent_set.release_handle is not None:
@@ -102,9 +103,9 @@ class AgentSetRegistry:
         for session_id in list(self._sets):
             self.release(session_id)
 
-    def _evict_over_cap(self) -> None:
+    def _evict_over_cap(self, room_for: int) -> None:
         # Idle sets go first; a running one is evicted only if every set is running.
-        while len(self._sets) > self.max_agent_sets:
+        while len(self._sets) + room_for > self.max_agent_sets:
             victim = next((s for s in self._sets.values() if not s.running), None)
             if victim is None:
                 victim = next(iter(self._sets.values()))

@@ -104,7 +104,7 @@ class DiscussionRun:
             user = prompts.opening_prompt(self._topic)
         else:
             others = {name: text for name, text in previous.items() if name != agent.persona.name}
-            user = prompts.debate_prompt(self._topic, round_number, others or previous)
+            user = prompts.debate_prompt(self._topic, round_number, others)
         text = await self._call(agent, round_number, user)
         return text
 

@@ -9,9 +9,10 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, cast
 
 import openai
+from openai.types.chat import ChatCompletionMessageParam
 
 from services.gen.roundtable.common.v1 import discussion_pb2
 
@@ -69,7 +70,9 @@ class OpenAIChatClient:
             try:
                 stream = await self._client.chat.completions.create(
                     model=self._model,
-                    messages=[{"role": m.role, "content": m.content} for m in messages],  # type: ignore[misc]
+                    messages=[
+                        cast(ChatCompletionMessageParam, {"role": m.role, "content": m.content}) for m in messages
+                    ],
                     temperature=self._temperature,
                     max_tokens=self._max_tokens,
                     stream=True,

@@ -36,7 +36,7 @@ class PersonaRegistry:
         """Read and validate a persona file."""
         try:
             data = tomllib.loads(path.read_text(encoding="utf-8"))
-        except (OSError, tomllib.TOMLDecodeError) as error:
+        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as error:
             raise PersonaFileError(f"{path}: {error}") from error
         entries = data.get("persona")
         if not isinstance(entries, list) or not entries:

@@ -29,6 +29,12 @@ def opening_prompt(topic: str) -> str:
 
 def debate_prompt(topic: str, round_number: int, others: Mapping[str, str]) -> str:
     """Round r > 1: read the others' previous answers, then refine or rebut."""
+    if not others:
+        return (
+            f"Round {round_number}. No other panelist answered in the previous round. Re-examine your own "
+            "answer: what did it miss, and what is your updated view?\n"
+            f"Topic: {topic}"
+        )
     answers = "\n\n".join(f"[{name}]\n{text}" for name, text in others.items())
     return (
         f"Round {round_number}. The other panelists answered in the previous round:\n\n{answers}\n\n"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import grpc
 from prometheus_client import Gauge
 
@@ -20,8 +22,8 @@ LIVE_AGENT_SETS = Gauge("roundtable_agent_sets_live", "Agent sets alive on this 
 class AgentsService:
     """Owns the persona registry, the agent sets and the LLM client of one replica."""
 
-    name = "agents"
-    grpc_services = ("roundtable.agents.v1.AgentService",)
+    name: str = "agents"
+    grpc_services: Sequence[str] = ("roundtable.agents.v1.AgentService",)
 
     def __init__(self, settings: AgentsSettings, llm: OpenAIChatClient | None = None) -> None:
         self.settings = settings

@@ -51,17 +51,26 @@ class MemoryStore:
 
     async def save(self, discussion: Discussion) -> None:
         """Replace the document if it still exists."""
-        if discussion.discussion_id in self._discussions:
-            self._discussions[discussion.discussion_id] = _copy(discussion)
-            self._expires_at[discussion.discussion_id] = discussion.expires_at.ToNanoseconds() / 1e9
+        current = self._discussions.get(discussion.discussion_id)
+        if current is None:
+            return
+        replacement = _copy(discussion)
+        # Access and expiry times only move forward, as in the SQLite store.
+        for name in ("last_accessed_at", "expires_at"):
+            if getattr(current, name).ToNanoseconds() > getattr(replacement, name).ToNanoseconds():
+                getattr(replacement, name).CopyFrom(getattr(current, name))
+        self._discussions[discussion.discussion_id] = replacement
+        self._expires_at[discussion.discussion_id] = replacement.expires_at.ToNanoseconds() / 1e9
 
     async def touch(self, discussion_id: str, last_accessed_at: float, expires_at: float) -> None:
         """New last-access and expiry times."""
         found = self._discussions.get(discussion_id)
         if found is not None:
-            found.last_accessed_at.FromNanoseconds(int(last_accessed_at * 1e9))
-            found.expires_at.FromNanoseconds(int(expires_at * 1e9))
-            self._expires_at[discussion_id] = expires_at
+            found.last_accessed_at.FromNanoseconds(
+                max(found.last_accessed_at.ToNanoseconds(), int(last_accessed_at * 1e9))
+            )
+            found.expires_at.FromNanoseconds(max(found.expires_at.ToNanoseconds(), int(expires_at * 1e9)))
+            self._expires_at[discussion_id] = found.expires_at.ToNanoseconds() / 1e9
 
     async def append_events(self, events: list[DiscussionEvent]) -> None:
         """Append events to their discussions' logs, ignoring sequences already present."""
@@ -69,9 +78,10 @@ class MemoryStore:
             log = self._events.get(event.discussion_id)
             if log is None:
                 continue
-            if log and event.sequence <= log[-1].sequence:
-                continue
-            log.append(_copy_event(event))
+            position = bisect.bisect_left(log, event.sequence, key=lambda e: e.sequence)
+            if position < len(log) and log[position].sequence == event.sequence:
+                continue  # the first write of a sequence number wins
+            log.insert(position, _copy_event(event))
 
     async def events_after(self, discussion_id: str, after_sequence: int, limit: int) -> list[DiscussionEvent]:
         """Events past after_sequence, in order."""
@@ -79,7 +89,7 @@ class MemoryStore:
         start = bisect.bisect_right(log, after_sequence, key=lambda e: e.sequence)
         return [_copy_event(e) for e in log[start : start + limit]]
 
-    async def list(
+    async def list_page(
         self, owner: str, status: DiscussionStatus, page_size: int, page_token: str
     ) -> tuple[list[Discussion], str]:
         """Newest first, keyset-paginated."""

@@ -15,7 +15,7 @@ logger = logging.getLogger(__name__)
 class PersonaCatalog:
     """Persona names and aliases, fetched from the agent service on first need."""
 
-    def __init__(self, agents: agents_pb2_grpc.AgentServiceStub, max_personas: int) -> None:
+    def __init__(self, agents: agents_pb2_grpc.AgentServiceAsyncStub, max_personas: int) -> None:
         self._agents = agents
         self._max_personas = max_personas
         self._by_key: dict[str, str] = {}
@@ -26,9 +26,7 @@ class PersonaCatalog:
     async def refresh(self) -> None:
         """Fetch the personas; raises Unavailable if the agent service cannot be reached."""
         try:
-            response: agents_pb2.ListPersonasResponse = await self._agents.ListPersonas(
-                agents_pb2.ListPersonasRequest(), timeout=5
-            )
+            response = await self._agents.ListPersonas(agents_pb2.ListPersonasRequest(), timeout=5)
         except grpc.aio.AioRpcError as error:
             raise Unavailable(
                 f"the agent service is unavailable ({error.code().name}); retry with the same request_id"

@@ -11,6 +11,7 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass, field
+from typing import TypeAlias
 
 import grpc
 from google.protobuf import timestamp_pb2
@@ -31,7 +32,7 @@ DISCUSSIONS_FINISHED = Counter(
 )
 DISCUSSIONS_ACTIVE = Gauge("roundtable_discussions_active", "Discussions running on this session replica.")
 
-Status = session_pb2.DiscussionStatus
+Status: TypeAlias = session_pb2.DiscussionStatus.ValueType
 
 
 @dataclass
@@ -59,7 +60,7 @@ class DiscussionRunner:
         self,
         *,
         store: Store,
-        agents: agents_pb2_grpc.AgentServiceStub,
+        agents: agents_pb2_grpc.AgentServiceAsyncStub,
         admission: Admission,
         notifier: EventNotifier,
         agents_call_timeout_seconds: float,
@@ -137,9 +138,9 @@ class DiscussionRunner:
                 )
             try:
                 await self._record(active, status_changed=final)
-                logger.info("discussion ended: %s", Status.Name(final.status))
+                logger.info("discussion ended: %s", session_pb2.DiscussionStatus.Name(final.status))
             finally:
-                DISCUSSIONS_FINISHED.labels(Status.Name(final.status)).inc()
+                DISCUSSIONS_FINISHED.labels(session_pb2.DiscussionStatus.Name(final.status)).inc()
                 self.active.pop(doc.discussion_id, None)
                 self._notifier.close(doc.discussion_id)
                 self._admission.release(time.monotonic() - active.started_monotonic)

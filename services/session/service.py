@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 
 import grpc
 
@@ -29,8 +30,8 @@ RESTART_REASON = "the session service stopped while this discussion ran"
 class SessionService:
     """Owns the store, the runner, admission and expiry of one session replica."""
 
-    name = "session"
-    grpc_services = ("roundtable.session.v1.SessionService",)
+    name: str = "session"
+    grpc_services: Sequence[str] = ("roundtable.session.v1.SessionService",)
 
     def __init__(self, settings: SessionSettings) -> None:
         self.settings = settings
@@ -60,7 +61,7 @@ class SessionService:
                 ("grpc.max_send_message_length", self.settings.max_message_bytes),
             ],
         )
-        agents = agents_pb2_grpc.AgentServiceStub(self._channel)
+        agents: agents_pb2_grpc.AgentServiceAsyncStub = agents_pb2_grpc.AgentServiceStub(self._channel)
         self.runner = DiscussionRunner(
             store=self.store,
             agents=agents,

@@ -148,10 +148,12 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
     ) -> session_pb2.ListDiscussionsResponse:
         """The caller's discussions, newest first."""
         page_size = validation.page_size(request.page_size)
-        if not session_pb2.DiscussionStatus.IsValid(request.status):  # type: ignore[attr-defined]
+        if request.status not in session_pb2.DiscussionStatus.values():
             raise InvalidArgument(f"status {request.status} is not a DiscussionStatus", "status")
         try:
-            discussions, next_token = await self._store.list(ANONYMOUS, request.status, page_size, request.page_token)
+            discussions, next_token = await self._store.list_page(
+                ANONYMOUS, request.status, page_size, request.page_token
+            )
         except InvalidPageToken as error:
             raise InvalidArgument(str(error), "page_token") from error
         return session_pb2.ListDiscussionsResponse(discussions=discussions, next_page_token=next_token)

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import pathlib
 import sqlite3
+from typing import Any
 
 import aiosqlite
+from google.protobuf.timestamp_pb2 import Timestamp
 
 from services.gen.roundtable.session.v1 import session_pb2
 from services.session.store import (
@@ -20,6 +22,8 @@ from services.session.store import (
 )
 
 EVENTS_PER_STATEMENT = 200
+# The columns _document() reads.
+DOCUMENT = "document, last_accessed_at, expires_at"
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS discussions (
@@ -29,6 +33,9 @@ CREATE TABLE IF NOT EXISTS discussions (
     status INTEGER NOT NULL,
     created_at_ns INTEGER NOT NULL,
     expires_at REAL NOT NULL,
+    -- Kept in columns as well as in the document so a touch is one atomic UPDATE
+    -- that can't race a save; reads overlay them onto the document.
+    last_accessed_at REAL NOT NULL,
     document BLOB NOT NULL
 ) WITHOUT ROWID;
 CREATE UNIQUE INDEX IF NOT EXISTS discussions_request ON discussions (owner, request_id)
@@ -72,35 +79,36 @@ class SqliteStore:
         """Insert, or return the owner's discussion with the same request_id."""
         try:
             await self._db.execute(
-                "INSERT INTO discussions VALUES (?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO discussions VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     discussion.discussion_id,
                     owner,
                     discussion.request_id or None,
                     discussion.status,
                     created_nanos(discussion),
-                    discussion.expires_at.ToNanoseconds() / 1e9,
+                    _seconds(discussion.expires_at),
+                    _seconds(discussion.last_accessed_at),
                     discussion.SerializeToString(),
                 ),
             )
         except sqlite3.IntegrityError:
             async with self._db.execute(
-                "SELECT document FROM discussions WHERE owner = ? AND request_id = ?",
+                f"SELECT {DOCUMENT} FROM discussions WHERE owner = ? AND request_id = ?",
                 (owner, discussion.request_id),
             ) as cursor:
                 row = await cursor.fetchone()
             if row is None:
                 raise
-            return Discussion.FromString(row[0])
+            return _document(row)
         return discussion
 
     async def get(self, discussion_id: str) -> Discussion | None:
         """The document, or None."""
         async with self._db.execute(
-            "SELECT document FROM discussions WHERE discussion_id = ?", (discussion_id,)
+            f"SELECT {DOCUMENT} FROM discussions WHERE discussion_id = ?", (discussion_id,)
         ) as cursor:
             row = await cursor.fetchone()
-        return None if row is None else Discussion.FromString(row[0])
+        return None if row is None else _document(row)
 
     async def owner(self, discussion_id: str) -> str | None:
         """The owning principal."""
@@ -111,25 +119,26 @@ class SqliteStore:
         return None if row is None else str(row[0])
 
     async def save(self, discussion: Discussion) -> None:
-        """Replace the document if it still exists."""
+        """Replace the document if it still exists; access and expiry times only ever move forward."""
         await self._db.execute(
-            "UPDATE discussions SET status = ?, expires_at = ?, document = ? WHERE discussion_id = ?",
+            "UPDATE discussions SET status = ?, expires_at = MAX(expires_at, ?), "
+            "last_accessed_at = MAX(last_accessed_at, ?), document = ? WHERE discussion_id = ?",
             (
                 discussion.status,
-                discussion.expires_at.ToNanoseconds() / 1e9,
+                _seconds(discussion.expires_at),
+                _seconds(discussion.last_accessed_at),
                 discussion.SerializeToString(),
                 discussion.discussion_id,
             ),
         )
 
     async def touch(self, discussion_id: str, last_accessed_at: float, expires_at: float) -> None:
-        """New last-access and expiry times."""
-        found = await self.get(discussion_id)
-        if found is None:
-            return
-        found.last_accessed_at.FromNanoseconds(int(last_accessed_at * 1e9))
-        found.expires_at.FromNanoseconds(int(expires_at * 1e9))
-        await self.save(found)
+        """New last-access and expiry times, in one statement (never rewrites the document)."""
+        await self._db.execute(
+            "UPDATE discussions SET last_accessed_at = MAX(last_accessed_at, ?), expires_at = MAX(expires_at, ?) "
+            "WHERE discussion_id = ?",
+            (last_accessed_at, expires_at, discussion_id),
+        )
 
     async def append_events(self, events: list[DiscussionEvent]) -> None:
         """Append events, one statement (one commit) per batch; sequences already present are ignored."""
@@ -156,11 +165,11 @@ class SqliteStore:
             rows = await cursor.fetchall()
         return [DiscussionEvent.FromString(row[0]) for row in rows]
 
-    async def list(
+    async def list_page(
         self, owner: str, status: DiscussionStatus, page_size: int, page_token: str
     ) -> tuple[list[Discussion], str]:
         """Newest first, keyset-paginated."""
-        query = "SELECT document FROM discussions WHERE owner = ?"
+        query = f"SELECT {DOCUMENT} FROM discussions WHERE owner = ?"
         params: list[object] = [owner]
         if status != session_pb2.DISCUSSION_STATUS_UNSPECIFIED:
             query += " AND status = ?"
@@ -172,8 +181,8 @@ class SqliteStore:
         query += " ORDER BY created_at_ns DESC, discussion_id DESC LIMIT ?"
         params.append(page_size + 1)
         async with self._db.execute(query, params) as cursor:
-            rows = await cursor.fetchall()
-        page = [Discussion.FromString(row[0]) for row in rows[:page_size]]
+            rows = list(await cursor.fetchall())
+        page = [_document(row) for row in rows[:page_size]]
         next_token = ""
         if len(rows) > page_size:
             next_token = encode_page_token(created_nanos(page[-1]), page[-1].discussion_id)
@@ -196,11 +205,23 @@ class SqliteStore:
         """QUEUED or RUNNING discussions."""
         marks = ",".join("?" * len(UNFINISHED_STATUSES))
         async with self._db.execute(
-            f"SELECT document FROM discussions WHERE status IN ({marks})", tuple(UNFINISHED_STATUSES)
+            f"SELECT {DOCUMENT} FROM discussions WHERE status IN ({marks})", tuple(UNFINISHED_STATUSES)
         ) as cursor:
             rows = await cursor.fetchall()
-        return [Discussion.FromString(row[0]) for row in rows]
+        return [_document(row) for row in rows]
 
     async def close(self) -> None:
         """Checkpoint and close the connection."""
         await self._db.close()
+
+
+def _seconds(stamp: Timestamp) -> float:
+    return stamp.ToNanoseconds() / 1e9
+
+
+def _document(row: Any) -> Discussion:
+    """The stored document with the access and expiry times from their columns."""
+    doc = Discussion.FromString(row[0])
+    doc.last_accessed_at.FromNanoseconds(int(row[1] * 1e9))
+    doc.expires_at.FromNanoseconds(int(row[2] * 1e9))
+    return doc

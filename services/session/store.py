@@ -7,13 +7,14 @@ test suite, tests/session/test_store_contract.py.
 from __future__ import annotations
 
 import base64
-from typing import Protocol
+from typing import Protocol, TypeAlias
 
 from services.gen.roundtable.session.v1 import session_pb2
 
 Discussion = session_pb2.Discussion
 DiscussionEvent = session_pb2.DiscussionEvent
-DiscussionStatus = session_pb2.DiscussionStatus
+# The enum's value type: what a status field holds.
+DiscussionStatus: TypeAlias = session_pb2.DiscussionStatus.ValueType
 
 TERMINAL_STATUSES = frozenset(
     {
@@ -58,7 +59,7 @@ class Store(Protocol):
         """Up to `limit` events with sequence > after_sequence, in order."""
         ...
 
-    async def list(
+    async def list_page(
         self, owner: str, status: DiscussionStatus, page_size: int, page_token: str
     ) -> tuple[list[Discussion], str]:
         """The owner's discussions newest first (all statuses if UNSPECIFIED), and the next page token."""

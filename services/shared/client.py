@@ -30,7 +30,7 @@ def _method_name(details: grpc.aio.ClientCallDetails) -> str:
     return method.decode() if isinstance(method, bytes) else str(method)
 
 
-class _UnaryUnary(grpc.aio.UnaryUnaryClientInterceptor):  # type: ignore[misc]
+class _UnaryUnary(grpc.aio.UnaryUnaryClientInterceptor):
     def __init__(self) -> None:
         self._stats: dict[str, _ClientMethodMetrics] = {}
 
@@ -46,7 +46,7 @@ class _UnaryUnary(grpc.aio.UnaryUnaryClientInterceptor):  # type: ignore[misc]
         return call
 
 
-class _UnaryStream(grpc.aio.UnaryStreamClientInterceptor):  # type: ignore[misc]
+class _UnaryStream(grpc.aio.UnaryStreamClientInterceptor):
     def __init__(self) -> None:
         self._stats: dict[str, _ClientMethodMetrics] = {}
 

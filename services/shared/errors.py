@@ -87,13 +87,13 @@ def to_grpc_status(error: RoundtableError) -> grpc.Status:
     """The grpc.Status (code, message, google.rpc.Status details) for a domain error."""
     status = status_pb2.Status(code=getattr(code_pb2, error.code.name), message=str(error))
     for detail in error.details():
-        status.details.add().Pack(detail)  # type: ignore[arg-type]
+        status.details.add().Pack(detail)
     return rpc_status.to_status(status)
 
 
 def retry_delay_seconds(error: grpc.aio.AioRpcError) -> float | None:
     """The RetryInfo delay a server attached to an error, if any."""
-    status = rpc_status.from_call(error)  # type: ignore[arg-type]
+    status = rpc_status.from_call(error)
     if status is None:
         return None
     for detail in status.details:

@@ -7,7 +7,7 @@ import inspect
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from typing import Any, cast
 
 import grpc
 
@@ -50,7 +50,7 @@ async def _abort(context: grpc.aio.ServicerContext, error: RoundtableError) -> N
     await context.abort_with_status(to_grpc_status(error))
 
 
-class ServerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+class ServerInterceptor(grpc.aio.ServerInterceptor):
     """Counts and times every RPC and turns RoundtableError into its status with details."""
 
     def __init__(self) -> None:
@@ -87,7 +87,7 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         if handler.unary_stream is not None:
             # A streaming handler that writes through context.write (health Watch) is a coroutine.
             return grpc.unary_stream_rpc_method_handler(
-                self._unary(method, handler.unary_stream, "server_stream"),
+                self._unary(method, cast(Callable[..., Awaitable[Any]], handler.unary_stream), "server_stream"),
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer,
             )

@@ -59,7 +59,7 @@ def load_settings(settings_cls: type[S], argv: list[str] | None = None) -> S:
     from pydantic import ValidationError
 
     try:
-        return settings_cls(_cli_parse_args=sys.argv[1:] if argv is None else argv)  # type: ignore[call-arg]
+        return settings_cls(_cli_parse_args=sys.argv[1:] if argv is None else argv)
     except ValidationError as error:
         prefix = settings_cls.model_config.get("env_prefix", "")
         lines = [f"invalid settings for {settings_cls.__name__}:"]

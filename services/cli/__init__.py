@@ -1,0 +1,1 @@
+"""The `roundtable` command: start the suite on loopback, and talk to it."""

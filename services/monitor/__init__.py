@@ -1,0 +1,1 @@
+"""Monitor service: keeps the fleet view built from instance reports and serves it over gRPC and /metrics."""
