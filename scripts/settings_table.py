@@ -14,7 +14,8 @@ from services.shared.settings import ServiceSettings
 
 README = pathlib.Path(__file__).resolve().parent.parent / "README.md"
 BEGIN, END = "<!-- settings:begin -->", "<!-- settings:end -->"
-SKIP_DEFAULTS = {"instance_id": "host name + random suffix"}
+# Defaults that depend on the machine are described instead of printed.
+SKIP_DEFAULTS = {"instance_id": "host name + random suffix", "personas_file": "services/agents/personas.toml"}
 
 
 def _rows(settings_cls: type[BaseSettings], fields: list[str]) -> list[str]:

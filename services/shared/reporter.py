@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -84,7 +83,8 @@ class MonitorReporter:
         self._load = load
         self._process = psutil.Process()
         self._process.cpu_percent(None)  # primes the counter; the first reading is meaningless
-        self._started_at = time.time()
+        # The counters sent cover the whole process, so the instance "started" with the process.
+        self._started_at = self._process.create_time()
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:

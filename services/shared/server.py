@@ -88,7 +88,12 @@ class ServiceHost:
             raise OSError(f"cannot bind {self.settings.host}:{self.settings.port}")
         if self.settings.metrics_port >= 0:
             self.metrics = MetricsServer(self.settings.host, self.settings.metrics_port)
-        await self.server.start()
+        try:
+            await self.server.start()
+        except BaseException:
+            if self.metrics is not None:
+                self.metrics.stop()
+            raise
         for name in ("", *self.service.grpc_services):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         if self.settings.monitor_address:
