@@ -42,15 +42,20 @@ class DiscussionRun:
         llm: LLMClient,
         limits: StreamingLimits,
         deadline: float | None,
+        start_round: int = 1,
+        prior_answers: dict[int, dict[str, str]] | None = None,
     ) -> None:
         self._set = agent_set
         self._topic = topic
         self._rounds = rounds
+        self._start_round = max(start_round, 1)
+        self._prior = prior_answers or {}
         self._llm = llm
         self._limits = limits
         self._deadline = deadline
         agents = [agent_set.agents[name] for name in persona_names]
         self._debaters = [a for a in agents if not a.persona.moderator]
+        self._debater_names = {a.persona.name for a in self._debaters}
         self._moderator = next((a for a in agents if a.persona.moderator), None)
         self._events: asyncio.Queue[agents_pb2.AgentEvent | None] = asyncio.Queue()
 
@@ -73,9 +78,24 @@ class DiscussionRun:
         finally:
             self._events.put_nowait(None)
 
-    async def _run_rounds(self) -> None:
+    def _replay_prior_rounds(self) -> dict[str, str]:
+        """Rebuild every debater's memory from the earlier rounds' answers; the latest answer of each."""
         latest: dict[str, str] = {}
-        for round_number in range(1, self._rounds + 1):
+        for agent in self._debaters:
+            agent.memory = [ChatMessage("system", prompts.system_prompt(agent.persona))]
+        for round_number in range(1, self._start_round):
+            answers = self._prior.get(round_number, {})
+            for agent in self._debaters:
+                text = answers.get(agent.persona.name)
+                if text is not None:
+                    user = self._user_prompt(agent, round_number, latest)
+                    agent.memory += [ChatMessage("user", user), ChatMessage("assistant", text)]
+            latest.update({name: text for name, text in answers.items() if name in self._debater_names})
+        return latest
+
+    async def _run_rounds(self) -> None:
+        latest = self._replay_prior_rounds() if self._start_round > 1 else {}
+        for round_number in range(self._start_round, self._rounds + 1):
             previous = dict(latest)
             results = await asyncio.gather(
                 *(self._answer_round(agent, round_number, previous) for agent in self._debaters)
@@ -99,14 +119,14 @@ class DiscussionRun:
         if self._moderator is not None and latest:
             await self._summarise(self._moderator, latest)
 
-    async def _answer_round(self, agent: Agent, round_number: int, previous: dict[str, str]) -> str | None:
+    def _user_prompt(self, agent: Agent, round_number: int, previous: dict[str, str]) -> str:
         if round_number == 1 or not previous:
-            user = prompts.opening_prompt(self._topic)
-        else:
-            others = {name: text for name, text in previous.items() if name != agent.persona.name}
-            user = prompts.debate_prompt(self._topic, round_number, others)
-        text = await self._call(agent, round_number, user)
-        return text
+            return prompts.opening_prompt(self._topic)
+        others = {name: text for name, text in previous.items() if name != agent.persona.name}
+        return prompts.debate_prompt(self._topic, round_number, others)
+
+    async def _answer_round(self, agent: Agent, round_number: int, previous: dict[str, str]) -> str | None:
+        return await self._call(agent, round_number, self._user_prompt(agent, round_number, previous))
 
     async def _summarise(self, moderator: Agent, final_answers: dict[str, str]) -> None:
         summary_round = self._rounds + 1

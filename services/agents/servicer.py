@@ -75,6 +75,13 @@ class AgentServicer(agents_pb2_grpc.AgentServiceServicer):
             personas.append(persona)
         if not any(not p.moderator for p in personas):
             raise InvalidArgument("at least one persona other than the moderator is needed", "personas")
+        if not 0 <= request.start_round <= request.rounds + 1:
+            raise InvalidArgument(f"start_round must be between 0 and rounds + 1 ({request.rounds + 1})", "start_round")
+        prior: dict[int, dict[str, str]] = {}
+        for answer in request.prior_answers:
+            if not 1 <= answer.round < max(request.start_round, 1):
+                raise InvalidArgument("prior_answers may only hold rounds before start_round", "prior_answers")
+            prior.setdefault(answer.round, {})[answer.agent] = answer.text
         existing = self._registry.get(request.session_id)
         if existing is not None and existing.running:
             raise FailedPrecondition(f"session {request.session_id} is already running on this replica")
@@ -89,6 +96,8 @@ class AgentServicer(agents_pb2_grpc.AgentServiceServicer):
             llm=self._llm,
             limits=self._limits,
             deadline=None if remaining is None else time.monotonic() + remaining,
+            start_round=request.start_round,
+            prior_answers=prior,
         )
         try:
             async for event in run.events():

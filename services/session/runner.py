@@ -148,7 +148,11 @@ class DiscussionRunner:
     async def _drive(self, active: ActiveDiscussion) -> None:
         doc = active.doc
         request = agents_pb2.RunDiscussionRequest(
-            session_id=doc.discussion_id, topic=doc.topic, personas=doc.personas, rounds=doc.rounds
+            session_id=doc.discussion_id,
+            topic=doc.topic,
+            personas=doc.personas,
+            rounds=doc.rounds,
+            token_budget=doc.token_budget,
         )
         # x-session-id lets a load balancer keep a session on one agent replica.
         call = self._agents.RunDiscussion(

@@ -74,6 +74,7 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
                 updated_at=now,
                 last_accessed_at=now,
                 request_id=request_id,
+                token_budget=validation.token_budget(request.token_budget),
             )
             doc.ttl.FromNanoseconds(int(ttl_seconds * 1e9))
             doc.expires_at.FromNanoseconds(now.ToNanoseconds() + doc.ttl.ToNanoseconds())

@@ -52,6 +52,13 @@ def request_id(value: str) -> str:
     return value
 
 
+def token_budget(value: int) -> int:
+    """0 (no limit) or a positive number of tokens."""
+    if value < 0:
+        raise InvalidArgument("token_budget must be 0 (no limit) or positive", "token_budget")
+    return value
+
+
 def page_size(value: int) -> int:
     """0 means the default; negative is an error; above the maximum is capped."""
     if value < 0:

@@ -316,3 +316,57 @@ async def test_closing_the_event_stream_cancels_the_llm_calls_in_flight() -> Non
 
     assert sorted(llm.cancelled) == sorted(DEBATERS)
     assert llm.in_flight == 0
+
+
+async def test_a_resumed_run_rebuilds_memory_and_prompts_exactly_as_an_uninterrupted_one() -> None:
+    # The reference: two rounds in one go.
+    whole = FakeLLM()
+    await run_to_end(make_run(whole, rounds=2))
+    round_one = {p: answer(p, 1) for p in DEBATERS}
+    # The same discussion resumed at round 2 on a fresh agent set (another replica, or a restart).
+    resumed = FakeLLM()
+    fresh = make_agent_set("session-resumed")
+    run = DiscussionRun(
+        agent_set=fresh,
+        topic=TOPIC,
+        persona_names=list(fresh.agents),
+        rounds=2,
+        llm=resumed,
+        limits=EVERY_CHUNK,
+        deadline=None,
+        start_round=2,
+        prior_answers={1: round_one},
+    )
+    events = await run_to_end(run)
+    # Only round 2 and the summary ran: one call per debater, one for the moderator.
+    assert sorted(c.persona for c in resumed.calls) == sorted([*DEBATERS, MODERATOR])
+    assert [r.round for r in of_kind(events, "round_completed")] == [2]
+    for persona in DEBATERS:
+        reference = whole.calls_of(persona)[1].messages
+        assert resumed.calls_of(persona)[0].messages == reference, persona
+
+
+async def test_resuming_after_the_last_round_only_writes_the_summary() -> None:
+    llm = FakeLLM()
+    fresh = make_agent_set("session-summary-only")
+    answers = {1: {p: f"{p} round one" for p in DEBATERS}, 2: {p: f"{p} round two" for p in DEBATERS[:2]}}
+    run = DiscussionRun(
+        agent_set=fresh,
+        topic=TOPIC,
+        persona_names=list(fresh.agents),
+        rounds=2,
+        llm=llm,
+        limits=EVERY_CHUNK,
+        deadline=None,
+        start_round=3,
+        prior_answers=answers,
+    )
+    events = await run_to_end(run)
+    assert [c.persona for c in llm.calls] == [MODERATOR]
+    prompt = llm.calls[0].messages[-1].content
+    # Each debater's latest answer: round two where it gave one, round one otherwise.
+    for persona in DEBATERS[:2]:
+        assert f"{persona} round two" in prompt
+    for persona in DEBATERS[2:]:
+        assert f"{persona} round one" in prompt
+    assert of_kind(events, "summary_completed")

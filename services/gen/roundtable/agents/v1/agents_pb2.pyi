@@ -109,13 +109,25 @@ class RunDiscussionRequest(_message.Message):
     TOPIC_FIELD_NUMBER: _builtins.int
     PERSONAS_FIELD_NUMBER: _builtins.int
     ROUNDS_FIELD_NUMBER: _builtins.int
+    START_ROUND_FIELD_NUMBER: _builtins.int
+    PRIOR_ANSWERS_FIELD_NUMBER: _builtins.int
+    TOKEN_BUDGET_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     topic: _builtins.str
     rounds: _builtins.int
+    start_round: _builtins.int
+    """Resume: the first round to run (0 and 1 both mean from the start; rounds + 1 means only the
+    summary). Earlier rounds are taken from prior_answers, and each agent's memory is rebuilt from
+    them, so any replica can continue a session another one started.
+    """
+    token_budget: _builtins.int
+    """Tokens the rest of the discussion may spend (the budget less what earlier runs spent); 0 = no limit."""
     @_builtins.property
     def personas(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Canonical persona names, moderator included when a summary is wanted."""
 
+    @_builtins.property
+    def prior_answers(self) -> _containers.RepeatedCompositeFieldContainer[Global___PriorAnswer]: ...
     def __init__(
         self,
         *,
@@ -123,14 +135,44 @@ class RunDiscussionRequest(_message.Message):
         topic: _builtins.str = ...,
         personas: _abc.Iterable[_builtins.str] | None = ...,
         rounds: _builtins.int = ...,
+        start_round: _builtins.int = ...,
+        prior_answers: _abc.Iterable[Global___PriorAnswer] | None = ...,
+        token_budget: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["personas", b"personas", "rounds", b"rounds", "session_id", b"session_id", "topic", b"topic"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["personas", b"personas", "prior_answers", b"prior_answers", "rounds", b"rounds", "session_id", b"session_id", "start_round", b"start_round", "token_budget", b"token_budget", "topic", b"topic"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RunDiscussionRequest: _TypeAlias = RunDiscussionRequest  # noqa: Y015
+
+@_typing.final
+class PriorAnswer(_message.Message):
+    """An answer given in an earlier round."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AGENT_FIELD_NUMBER: _builtins.int
+    ROUND_FIELD_NUMBER: _builtins.int
+    TEXT_FIELD_NUMBER: _builtins.int
+    agent: _builtins.str
+    round: _builtins.int
+    text: _builtins.str
+    def __init__(
+        self,
+        *,
+        agent: _builtins.str = ...,
+        round: _builtins.int = ...,
+        text: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "round", b"round", "text", b"text"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PriorAnswer: _TypeAlias = PriorAnswer  # noqa: Y015
 
 @_typing.final
 class AgentEvent(_message.Message):

@@ -27,39 +27,39 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from services.gen.roundtable.common.v1 import discussion_pb2 as roundtable_dot_common_dot_v1_dot_discussion__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#roundtable/session/v1/session.proto\x12\x15roundtable.session.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a%roundtable/common/v1/discussion.proto\"\x86\x01\n\x17\x43reateDiscussionRequest\x12\r\n\x05topic\x18\x01 \x01(\t\x12\x10\n\x08personas\x18\x02 \x03(\t\x12\x0e\n\x06rounds\x18\x03 \x01(\x05\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12&\n\x03ttl\x18\x05 \x01(\x0b\x32\x19.google.protobuf.Duration\"\xc7\x01\n\x0b\x41gentResult\x12\r\n\x05\x61gent\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x05\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x31\n\x06status\x18\x04 \x01(\x0e\x32!.roundtable.common.v1.AgentStatus\x12/\n\x05usage\x18\x05 \x01(\x0b\x32 .roundtable.common.v1.TokenUsage\x12\r\n\x05\x65rror\x18\x06 \x01(\t\x12\x19\n\x11\x61gent_instance_id\x18\x07 \x01(\t\"\xc6\x04\n\nDiscussion\x12\x15\n\rdiscussion_id\x18\x01 \x01(\t\x12\r\n\x05topic\x18\x02 \x01(\t\x12\x37\n\x06status\x18\x03 \x01(\x0e\x32\'.roundtable.session.v1.DiscussionStatus\x12\x10\n\x08personas\x18\x04 \x03(\t\x12\x0e\n\x06rounds\x18\x05 \x01(\x05\x12\x33\n\x07results\x18\x06 \x03(\x0b\x32\".roundtable.session.v1.AgentResult\x12\x0f\n\x07summary\x18\x07 \x01(\t\x12\x18\n\x10\x63ompleted_agents\x18\x08 \x03(\t\x12.\n\ncreated_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x34\n\x10last_accessed_at\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nexpires_at\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05\x65rror\x18\r \x01(\t\x12/\n\x05usage\x18\x0e \x01(\x0b\x32 .roundtable.common.v1.TokenUsage\x12\x12\n\nrequest_id\x18\x0f \x01(\t\x12\x15\n\rlast_sequence\x18\x10 \x01(\x03\x12&\n\x03ttl\x18\x11 \x01(\x0b\x32\x19.google.protobuf.Duration\"-\n\x14GetDiscussionRequest\x12\x15\n\rdiscussion_id\x18\x01 \x01(\t\"H\n\x17StreamDiscussionRequest\x12\x15\n\rdiscussion_id\x18\x01 \x01(\t\x12\x16\n\x0e\x61\x66ter_sequence\x18\x02 \x01(\x03\"W\n\rStatusChanged\x12\x37\n\x06status\x18\x01 \x01(\x0e\x32\'.roundtable.session.v1.DiscussionStatus\x12\r\n\x05\x65rror\x18\x02 \x01(\t\"\xa5\x04\n\x0f\x44iscussionEvent\x12\x15\n\rdiscussion_id\x18\x01 \x01(\t\x12\x10\n\x08sequence\x18\x02 \x01(\x03\x12(\n\x04time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12>\n\x0estatus_changed\x18\n \x01(\x0b\x32$.roundtable.session.v1.StatusChangedH\x00\x12;\n\ragent_started\x18\x0b \x01(\x0b\x32\".roundtable.common.v1.AgentStartedH\x00\x12\x37\n\x0b\x61gent_delta\x18\x0c \x01(\x0b\x32 .roundtable.common.v1.AgentDeltaH\x00\x12?\n\x0f\x61gent_completed\x18\r \x01(\x0b\x32$.roundtable.common.v1.AgentCompletedH\x00\x12\x39\n\x0c\x61gent_failed\x18\x0e \x01(\x0b\x32!.roundtable.common.v1.AgentFailedH\x00\x12?\n\x0fround_completed\x18\x0f \x01(\x0b\x32$.roundtable.common.v1.RoundCompletedH\x00\x12\x43\n\x11summary_completed\x18\x10 \x01(\x0b\x32&.roundtable.common.v1.SummaryCompletedH\x00\x42\x07\n\x05\x65vent\"0\n\x17\x43\x61ncelDiscussionRequest\x12\x15\n\rdiscussion_id\x18\x01 \x01(\t\"x\n\x16ListDiscussionsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\x37\n\x06status\x18\x03 \x01(\x0e\x32\'.roundtable.session.v1.DiscussionStatus\"j\n\x17ListDiscussionsResponse\x12\x36\n\x0b\x64iscussions\x18\x01 \x03(\x0b\x32!.roundtable.session.v1.Discussion\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"0\n\x17\x44\x65leteDiscussionRequest\x12\x15\n\rdiscussion_id\x18\x01 \x01(\t\"\x1a\n\x18\x44\x65leteDiscussionResponse*\x96\x02\n\x10\x44iscussionStatus\x12!\n\x1d\x44ISCUSSION_STATUS_UNSPECIFIED\x10\x00\x12\x1c\n\x18\x44ISCUSSION_STATUS_QUEUED\x10\x01\x12\x1d\n\x19\x44ISCUSSION_STATUS_RUNNING\x10\x02\x12\x1f\n\x1b\x44ISCUSSION_STATUS_COMPLETED\x10\x03\x12\x1c\n\x18\x44ISCUSSION_STATUS_FAILED\x10\x04\x12\x1f\n\x1b\x44ISCUSSION_STATUS_CANCELLED\x10\x05\x12\x1f\n\x1b\x44ISCUSSION_STATUS_TIMED_OUT\x10\x06\x12!\n\x1d\x44ISCUSSION_STATUS_INTERRUPTED\x10\x07\x32\x94\x05\n\x0eSessionService\x12\x65\n\x10\x43reateDiscussion\x12..roundtable.session.v1.CreateDiscussionRequest\x1a!.roundtable.session.v1.Discussion\x12_\n\rGetDiscussion\x12+.roundtable.session.v1.GetDiscussionRequest\x1a!.roundtable.session.v1.Discussion\x12l\n\x10StreamDiscussion\x12..roundtable.session.v1.StreamDiscussionRequest\x1a&.roundtable.session.v1.DiscussionEvent0\x01\x12\x65\n\x10\x43\x61ncelDiscussion\x12..roundtable.session.v1.CancelDiscussionRequest\x1a!.roundtable.session.v1.Discussion\x12p\n\x0fListDiscussions\x12-.roundtable.session.v1.ListDiscussionsRequest\x1a..roundtable.session.v1.ListDiscussionsResponse\x12s\n\x10\x44\x65leteDiscussion\x12..roundtable.session.v1.DeleteDiscussionRequest\x1a/.roundtable.session.v1.DeleteDiscussionResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#roundtable/session/v1/session.proto\x12\x15roundtable.session.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a%roundtable/common/v1/discussion.proto\"\x9c\x01\n\x17\x43reateDiscussionRequest\x12\r\n\x05topic\x18\x01 \x01(\t\x12\x10\n\x08personas\x18\x02 \x03(\t\x12\x0e\n\x06rounds\x18\x03 \x01(\x05\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12&\n\x03ttl\x18\x05 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x14\n\x0ctoken_budget\x18\x06 \x01(\x03\"\xc7\x01\n\x0b\x41gentResult\x12\r\n\x05\x61gent\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x05\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x31\n\x06status\x18\x04 \x01(\x0e\x32!.roundtable.common.v1.AgentStatus\x12/\n\x05usage\x18\x05 \x01(\x0b\x32 .roundtable.common.v1.TokenUsage\x12\r\n\x05\x65rror\x18\x06 \x01(\t\x12\x19\n\x11\x61gent_instance_id\x18\x07 \x01(\t\"\xdc\x04\n\nDiscussion\x12\x15\n\rdiscussion_id\x18\x01 \x01(\t\x12\r\n\x05topic\x18\x02 \x01(\t\x12\x37\n\x06status\x18\x03 \x01(\x0e\x32\'.roundtable.session.v1.DiscussionStatus\x12\x10\n\x08personas\x18\x04 \x03(\t\x12\x0e\n\x06rounds\x18\x05 \x01(\x05\x12\x33\n\x07results\x18\x06 \x03(\x0b\x32\".roundtable.session.v1.AgentResult\x12\x0f\n\x07summary\x18\x07 \x01(\t\x12\x18\n\x10\x63ompleted_agents\x18\x08 \x03(\t\x12.\n\ncreated_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x34\n\x10last_accessed_at\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nexpires_at\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05\x65rror\x18\r \x01(\t\x12/\n\x05usage\x18\x0e \x01(\x0b\x32 .roundtable.common.v1.TokenUsage\x12\x12\n\nrequest_id\x18\x0f \x01(\t\x12\x15\n\rlast_sequence\x18\x10 \x01(\x03\x12&\n\x03ttl\x18\x11 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x14\n\x0ctoken_budget\x18\x12 \x01(\x03\"-\n\x14GetDiscussionRequest\x12\x15\n\rdiscussion_id\x18\x01 \x01(\t\"H\n\x17StreamDiscussionRequest\x12\x15\n\rdiscussion_id\x18\x01 \x01(\t\x12\x16\n\x0e\x61\x66ter_sequence\x18\x02 \x01(\x03\"W\n\rStatusChanged\x12\x37\n\x06status\x18\x01 \x01(\x0e\x32\'.roundtable.session.v1.DiscussionStatus\x12\r\n\x05\x65rror\x18\x02 \x01(\t\"\xa5\x04\n\x0f\x44iscussionEvent\x12\x15\n\rdiscussion_id\x18\x01 \x01(\t\x12\x10\n\x08sequence\x18\x02 \x01(\x03\x12(\n\x04time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12>\n\x0estatus_changed\x18\n \x01(\x0b\x32$.roundtable.session.v1.StatusChangedH\x00\x12;\n\ragent_started\x18\x0b \x01(\x0b\x32\".roundtable.common.v1.AgentStartedH\x00\x12\x37\n\x0b\x61gent_delta\x18\x0c \x01(\x0b\x32 .roundtable.common.v1.AgentDeltaH\x00\x12?\n\x0f\x61gent_completed\x18\r \x01(\x0b\x32$.roundtable.common.v1.AgentCompletedH\x00\x12\x39\n\x0c\x61gent_failed\x18\x0e \x01(\x0b\x32!.roundtable.common.v1.AgentFailedH\x00\x12?\n\x0fround_completed\x18\x0f \x01(\x0b\x32$.roundtable.common.v1.RoundCompletedH\x00\x12\x43\n\x11summary_completed\x18\x10 \x01(\x0b\x32&.roundtable.common.v1.SummaryCompletedH\x00\x42\x07\n\x05\x65vent\"0\n\x17\x43\x61ncelDiscussionRequest\x12\x15\n\rdiscussion_id\x18\x01 \x01(\t\"x\n\x16ListDiscussionsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\x37\n\x06status\x18\x03 \x01(\x0e\x32\'.roundtable.session.v1.DiscussionStatus\"j\n\x17ListDiscussionsResponse\x12\x36\n\x0b\x64iscussions\x18\x01 \x03(\x0b\x32!.roundtable.session.v1.Discussion\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"0\n\x17\x44\x65leteDiscussionRequest\x12\x15\n\rdiscussion_id\x18\x01 \x01(\t\"\x1a\n\x18\x44\x65leteDiscussionResponse*\x96\x02\n\x10\x44iscussionStatus\x12!\n\x1d\x44ISCUSSION_STATUS_UNSPECIFIED\x10\x00\x12\x1c\n\x18\x44ISCUSSION_STATUS_QUEUED\x10\x01\x12\x1d\n\x19\x44ISCUSSION_STATUS_RUNNING\x10\x02\x12\x1f\n\x1b\x44ISCUSSION_STATUS_COMPLETED\x10\x03\x12\x1c\n\x18\x44ISCUSSION_STATUS_FAILED\x10\x04\x12\x1f\n\x1b\x44ISCUSSION_STATUS_CANCELLED\x10\x05\x12\x1f\n\x1b\x44ISCUSSION_STATUS_TIMED_OUT\x10\x06\x12!\n\x1d\x44ISCUSSION_STATUS_INTERRUPTED\x10\x07\x32\x94\x05\n\x0eSessionService\x12\x65\n\x10\x43reateDiscussion\x12..roundtable.session.v1.CreateDiscussionRequest\x1a!.roundtable.session.v1.Discussion\x12_\n\rGetDiscussion\x12+.roundtable.session.v1.GetDiscussionRequest\x1a!.roundtable.session.v1.Discussion\x12l\n\x10StreamDiscussion\x12..roundtable.session.v1.StreamDiscussionRequest\x1a&.roundtable.session.v1.DiscussionEvent0\x01\x12\x65\n\x10\x43\x61ncelDiscussion\x12..roundtable.session.v1.CancelDiscussionRequest\x1a!.roundtable.session.v1.Discussion\x12p\n\x0fListDiscussions\x12-.roundtable.session.v1.ListDiscussionsRequest\x1a..roundtable.session.v1.ListDiscussionsResponse\x12s\n\x10\x44\x65leteDiscussion\x12..roundtable.session.v1.DeleteDiscussionRequest\x1a/.roundtable.session.v1.DeleteDiscussionResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'roundtable.session.v1.session_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DISCUSSIONSTATUS']._serialized_start=2211
-  _globals['_DISCUSSIONSTATUS']._serialized_end=2489
+  _globals['_DISCUSSIONSTATUS']._serialized_start=2255
+  _globals['_DISCUSSIONSTATUS']._serialized_end=2533
   _globals['_CREATEDISCUSSIONREQUEST']._serialized_start=167
-  _globals['_CREATEDISCUSSIONREQUEST']._serialized_end=301
-  _globals['_AGENTRESULT']._serialized_start=304
-  _globals['_AGENTRESULT']._serialized_end=503
-  _globals['_DISCUSSION']._serialized_start=506
-  _globals['_DISCUSSION']._serialized_end=1088
-  _globals['_GETDISCUSSIONREQUEST']._serialized_start=1090
-  _globals['_GETDISCUSSIONREQUEST']._serialized_end=1135
-  _globals['_STREAMDISCUSSIONREQUEST']._serialized_start=1137
-  _globals['_STREAMDISCUSSIONREQUEST']._serialized_end=1209
-  _globals['_STATUSCHANGED']._serialized_start=1211
-  _globals['_STATUSCHANGED']._serialized_end=1298
-  _globals['_DISCUSSIONEVENT']._serialized_start=1301
-  _globals['_DISCUSSIONEVENT']._serialized_end=1850
-  _globals['_CANCELDISCUSSIONREQUEST']._serialized_start=1852
-  _globals['_CANCELDISCUSSIONREQUEST']._serialized_end=1900
-  _globals['_LISTDISCUSSIONSREQUEST']._serialized_start=1902
-  _globals['_LISTDISCUSSIONSREQUEST']._serialized_end=2022
-  _globals['_LISTDISCUSSIONSRESPONSE']._serialized_start=2024
-  _globals['_LISTDISCUSSIONSRESPONSE']._serialized_end=2130
-  _globals['_DELETEDISCUSSIONREQUEST']._serialized_start=2132
-  _globals['_DELETEDISCUSSIONREQUEST']._serialized_end=2180
-  _globals['_DELETEDISCUSSIONRESPONSE']._serialized_start=2182
-  _globals['_DELETEDISCUSSIONRESPONSE']._serialized_end=2208
-  _globals['_SESSIONSERVICE']._serialized_start=2492
-  _globals['_SESSIONSERVICE']._serialized_end=3152
+  _globals['_CREATEDISCUSSIONREQUEST']._serialized_end=323
+  _globals['_AGENTRESULT']._serialized_start=326
+  _globals['_AGENTRESULT']._serialized_end=525
+  _globals['_DISCUSSION']._serialized_start=528
+  _globals['_DISCUSSION']._serialized_end=1132
+  _globals['_GETDISCUSSIONREQUEST']._serialized_start=1134
+  _globals['_GETDISCUSSIONREQUEST']._serialized_end=1179
+  _globals['_STREAMDISCUSSIONREQUEST']._serialized_start=1181
+  _globals['_STREAMDISCUSSIONREQUEST']._serialized_end=1253
+  _globals['_STATUSCHANGED']._serialized_start=1255
+  _globals['_STATUSCHANGED']._serialized_end=1342
+  _globals['_DISCUSSIONEVENT']._serialized_start=1345
+  _globals['_DISCUSSIONEVENT']._serialized_end=1894
+  _globals['_CANCELDISCUSSIONREQUEST']._serialized_start=1896
+  _globals['_CANCELDISCUSSIONREQUEST']._serialized_end=1944
+  _globals['_LISTDISCUSSIONSREQUEST']._serialized_start=1946
+  _globals['_LISTDISCUSSIONSREQUEST']._serialized_end=2066
+  _globals['_LISTDISCUSSIONSRESPONSE']._serialized_start=2068
+  _globals['_LISTDISCUSSIONSRESPONSE']._serialized_end=2174
+  _globals['_DELETEDISCUSSIONREQUEST']._serialized_start=2176
+  _globals['_DELETEDISCUSSIONREQUEST']._serialized_end=2224
+  _globals['_DELETEDISCUSSIONRESPONSE']._serialized_start=2226
+  _globals['_DELETEDISCUSSIONRESPONSE']._serialized_end=2252
+  _globals['_SESSIONSERVICE']._serialized_start=2536
+  _globals['_SESSIONSERVICE']._serialized_end=3196
 # @@protoc_insertion_point(module_scope)

@@ -59,12 +59,17 @@ class CreateDiscussionRequest(_message.Message):
     ROUNDS_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     TTL_FIELD_NUMBER: _builtins.int
+    TOKEN_BUDGET_FIELD_NUMBER: _builtins.int
     topic: _builtins.str
     """What to discuss: 1 to 4,000 characters, not only whitespace."""
     rounds: _builtins.int
     """Debate rounds, 1 to the server's maximum; 0 means 1."""
     request_id: _builtins.str
     """Idempotency key chosen by the client (at most 128 characters)."""
+    token_budget: _builtins.int
+    """Most tokens the whole discussion may spend (prompt + completion); 0 means no limit.
+    Once spent, no further LLM call is made and the remaining answers fail with the reason.
+    """
     @_builtins.property
     def personas(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Persona names or aliases; empty means the default roster."""
@@ -81,10 +86,11 @@ class CreateDiscussionRequest(_message.Message):
         rounds: _builtins.int = ...,
         request_id: _builtins.str = ...,
         ttl: _duration_pb2.Duration | None = ...,
+        token_budget: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["ttl", b"ttl"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["personas", b"personas", "request_id", b"request_id", "rounds", b"rounds", "topic", b"topic", "ttl", b"ttl"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["personas", b"personas", "request_id", b"request_id", "rounds", b"rounds", "token_budget", b"token_budget", "topic", b"topic", "ttl", b"ttl"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -153,6 +159,7 @@ class Discussion(_message.Message):
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     LAST_SEQUENCE_FIELD_NUMBER: _builtins.int
     TTL_FIELD_NUMBER: _builtins.int
+    TOKEN_BUDGET_FIELD_NUMBER: _builtins.int
     discussion_id: _builtins.str
     topic: _builtins.str
     status: Global___DiscussionStatus.ValueType
@@ -162,6 +169,8 @@ class Discussion(_message.Message):
     request_id: _builtins.str
     last_sequence: _builtins.int
     """The last event's sequence number."""
+    token_budget: _builtins.int
+    """The request's token budget; 0 means no limit."""
     @_builtins.property
     def personas(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
@@ -206,10 +215,11 @@ class Discussion(_message.Message):
         request_id: _builtins.str = ...,
         last_sequence: _builtins.int = ...,
         ttl: _duration_pb2.Duration | None = ...,
+        token_budget: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "expires_at", b"expires_at", "last_accessed_at", b"last_accessed_at", "ttl", b"ttl", "updated_at", b"updated_at", "usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["completed_agents", b"completed_agents", "created_at", b"created_at", "discussion_id", b"discussion_id", "error", b"error", "expires_at", b"expires_at", "last_accessed_at", b"last_accessed_at", "last_sequence", b"last_sequence", "personas", b"personas", "request_id", b"request_id", "results", b"results", "rounds", b"rounds", "status", b"status", "summary", b"summary", "topic", b"topic", "ttl", b"ttl", "updated_at", b"updated_at", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["completed_agents", b"completed_agents", "created_at", b"created_at", "discussion_id", b"discussion_id", "error", b"error", "expires_at", b"expires_at", "last_accessed_at", b"last_accessed_at", "last_sequence", b"last_sequence", "personas", b"personas", "request_id", b"request_id", "results", b"results", "rounds", b"rounds", "status", b"status", "summary", b"summary", "token_budget", b"token_budget", "topic", b"topic", "ttl", b"ttl", "updated_at", b"updated_at", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
