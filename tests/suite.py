@@ -104,6 +104,7 @@ async def start_suite(
             "agents_address": agents_host.address,
             "sqlite_path": tmp_path / "roundtable.db",
             "max_concurrent_sessions": 500,
+            "max_concurrent_sessions_per_principal": 1000,
             **(session or {}),
         }
     )

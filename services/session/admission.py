@@ -1,6 +1,18 @@
-"""Admission: the global cap on discussions running at once on this replica."""
+"""Admission: which discussions may run now, which wait in line, and which are turned away.
+
+Slots are leases: a runner renews its lease while it runs, and a lease not
+renewed within its ttl lapses, so a runner that dies without releasing its slot
+(a crashed replica) never leaks it. Waiting discussions are admitted strictly in
+arrival order. This memory implementation serves one replica; the scale-out work
+backs the same interface with Redis.
+"""
 
 from __future__ import annotations
+
+import time
+from collections import Counter, OrderedDict
+from collections.abc import Callable
+from typing import Protocol
 
 from services.shared.errors import ResourceExhausted
 
@@ -8,33 +20,147 @@ from services.shared.errors import ResourceExhausted
 INITIAL_DURATION_SECONDS = 30.0
 
 
-class Admission:
-    """Slots for running discussions; a full house answers RESOURCE_EXHAUSTED with a retry estimate."""
+class Admission(Protocol):
+    """Slots (leases) for running discussions, a bounded FIFO queue, and per-principal caps."""
 
-    def __init__(self, max_concurrent_sessions: int) -> None:
-        self.capacity = max_concurrent_sessions
-        self.active = 0
+    capacity: int
+
+    async def admit(self, discussion_id: str, principal: str) -> bool:
+        """True: a slot is leased now. False: queued. Raises ResourceExhausted when neither is allowed."""
+        ...
+
+    async def admit_unchecked(self, discussion_id: str, principal: str) -> None:
+        """Lease a slot even past the caps (a discussion resumed after a restart was admitted before)."""
+        ...
+
+    async def renew(self, discussion_id: str) -> bool:
+        """Extend a lease; False if it had already lapsed (the slot may have gone to another)."""
+        ...
+
+    async def release(self, discussion_id: str, duration_seconds: float | None = None) -> list[str]:
+        """Free a lease or a queue place; returns the queued discussions admitted in its stead."""
+        ...
+
+    async def reap(self) -> list[str]:
+        """Let lapsed leases go; returns the queued discussions admitted in their stead."""
+        ...
+
+    def active(self) -> int:
+        """Leases held."""
+        ...
+
+    def queued(self) -> int:
+        """Discussions waiting."""
+        ...
+
+
+class MemoryAdmission:
+    """Admission for one replica, in memory; every method completes without yielding, so each is atomic."""
+
+    def __init__(
+        self,
+        *,
+        capacity: int,
+        max_queued: int,
+        max_per_principal: int,
+        lease_ttl_seconds: float,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.capacity = capacity
+        self._max_queued = max_queued
+        self._max_per_principal = max_per_principal
+        self._lease_ttl_seconds = lease_ttl_seconds
+        self._clock = clock
+        self._leases: dict[str, tuple[str, float]] = {}
+        self._queue: OrderedDict[str, str] = OrderedDict()
+        self._per_principal: Counter[str] = Counter()
         self._mean_duration_seconds = INITIAL_DURATION_SECONDS
-        self.closed = False
 
-    def admit(self) -> None:
-        """Take a slot, or raise ResourceExhausted with when one is likely to free."""
-        if self.active >= self.capacity:
+    def active(self) -> int:
+        """Leases held."""
+        return len(self._leases)
+
+    def queued(self) -> int:
+        """Discussions waiting."""
+        return len(self._queue)
+
+    async def admit(self, discussion_id: str, principal: str) -> bool:
+        """Lease a slot, or queue, or raise ResourceExhausted naming the limit."""
+        self._expire_lapsed()
+        if self._per_principal[principal] >= self._max_per_principal:
             raise ResourceExhausted(
-                f"the server is running its maximum of {self.capacity} discussions; retry later",
-                retry_after_seconds=self.retry_after_seconds(),
-                subject="global",
-                limit="max_concurrent_sessions",
+                f"you already have {self._max_per_principal} discussions running or queued; "
+                "wait for one to finish or cancel one",
+                retry_after_seconds=self._mean_duration_seconds / max(self._per_principal[principal], 1),
+                subject=f"principal:{principal}",
+                limit="max_concurrent_sessions_per_principal",
             )
-        self.active += 1
+        if len(self._leases) < self.capacity and not self._queue:
+            self._lease(discussion_id, principal)
+            return True
+        if len(self._queue) < self._max_queued:
+            self._queue[discussion_id] = principal
+            self._per_principal[principal] += 1
+            return False
+        full = "and its queue is full" if self._max_queued else "(no queue)"
+        raise ResourceExhausted(
+            f"the server is running its maximum of {self.capacity} discussions {full}; retry later",
+            retry_after_seconds=self.retry_after_seconds(),
+            subject="global",
+            limit="max_queued_sessions" if self._max_queued else "max_concurrent_sessions",
+        )
 
-    def release(self, duration_seconds: float | None = None) -> None:
-        """Give a slot back; a finished discussion's duration refines the retry estimate."""
-        self.active = max(self.active - 1, 0)
+    async def admit_unchecked(self, discussion_id: str, principal: str) -> None:
+        """Lease past the caps."""
+        if discussion_id not in self._leases:
+            self._lease(discussion_id, principal)
+
+    async def renew(self, discussion_id: str) -> bool:
+        """Extend the lease by a ttl from now."""
+        lease = self._leases.get(discussion_id)
+        if lease is None or lease[1] < self._clock():
+            return False
+        self._leases[discussion_id] = (lease[0], self._clock() + self._lease_ttl_seconds)
+        return True
+
+    async def release(self, discussion_id: str, duration_seconds: float | None = None) -> list[str]:
+        """Free the lease or queue place; admit from the queue into freed slots."""
+        lease = self._leases.pop(discussion_id, None)
+        if lease is not None:
+            self._per_principal[lease[0]] -= 1
+        principal = self._queue.pop(discussion_id, None)
+        if principal is not None:
+            self._per_principal[principal] -= 1
         if duration_seconds is not None:
             # Exponentially weighted: recent discussions say most about the next ones.
             self._mean_duration_seconds += 0.2 * (duration_seconds - self._mean_duration_seconds)
+        return self._promote()
+
+    async def reap(self) -> list[str]:
+        """Expire lapsed leases and admit from the queue."""
+        self._expire_lapsed()
+        return self._promote()
 
     def retry_after_seconds(self) -> float:
         """Expected wait for a slot: with N running, one ends every mean_duration / N on average."""
-        return max(0.5, self._mean_duration_seconds / max(self.active, 1))
+        needed = len(self._queue) + 1
+        return max(0.5, needed * self._mean_duration_seconds / max(len(self._leases), 1))
+
+    def _lease(self, discussion_id: str, principal: str) -> None:
+        self._leases[discussion_id] = (principal, self._clock() + self._lease_ttl_seconds)
+        self._per_principal[principal] += 1
+
+    def _expire_lapsed(self) -> None:
+        now = self._clock()
+        for discussion_id in [i for i, (_, expires) in self._leases.items() if expires < now]:
+            principal, _ = self._leases.pop(discussion_id)
+            self._per_principal[principal] -= 1
+
+    def _promote(self) -> list[str]:
+        promoted = []
+        while self._queue and len(self._leases) < self.capacity:
+            discussion_id, principal = self._queue.popitem(last=False)
+            self._per_principal[principal] -= 1  # _lease counts it again
+            self._lease(discussion_id, principal)
+            promoted.append(discussion_id)
+        return promoted

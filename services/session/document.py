@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from services.gen.roundtable.agents.v1 import agents_pb2
 from services.gen.roundtable.common.v1 import discussion_pb2
 from services.gen.roundtable.session.v1 import session_pb2
 
@@ -51,6 +52,8 @@ def apply_event(doc: session_pb2.Discussion, event: session_pb2.DiscussionEvent)
         result = _result(doc, failed.agent, failed.round)
         result.status = discussion_pb2.AGENT_STATUS_FAILED
         result.error = failed.reason
+    elif kind == "round_completed":
+        doc.completed_rounds = max(doc.completed_rounds, event.round_completed.round)
     elif kind == "summary_completed":
         summary = event.summary_completed
         result = _result(doc, summary.agent, doc.rounds + 1)
@@ -70,6 +73,15 @@ def cancel_running_results(doc: session_pb2.Discussion) -> None:
     for result in doc.results:
         if result.status == discussion_pb2.AGENT_STATUS_RUNNING:
             result.status = discussion_pb2.AGENT_STATUS_CANCELLED
+
+
+def prior_answers(doc: session_pb2.Discussion) -> list[agents_pb2.PriorAnswer]:
+    """The answers of every finished round, for resuming after them."""
+    return [
+        agents_pb2.PriorAnswer(agent=r.agent, round=r.round, text=r.text)
+        for r in doc.results
+        if r.status == discussion_pb2.AGENT_STATUS_COMPLETED and r.round <= doc.completed_rounds
+    ]
 
 
 def failure_reasons(doc: session_pb2.Discussion) -> str:

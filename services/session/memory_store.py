@@ -113,6 +113,11 @@ class MemoryStore:
             next_token = encode_page_token(created_nanos(last), last.discussion_id)
         return [summary_view(d) for d in page], next_token
 
+    async def owned(self, owner: str) -> tuple[int, float | None]:
+        """Count and earliest expiry of the owner's discussions."""
+        expiries = [self._expires_at[i] for i, o in self._owners.items() if o == owner]
+        return len(expiries), min(expiries, default=None)
+
     async def delete(self, discussion_id: str) -> bool:
         """Remove the discussion, its events and its idempotency key."""
         found = self._discussions.pop(discussion_id, None)

@@ -2,12 +2,14 @@
 
 Every agent event becomes a sequence-numbered DiscussionEvent, written to the
 store before readers are woken, and folded into the in-memory document, which
-is saved whenever something other than a text delta happens.
+is saved whenever something other than a text delta happens. Discussions that
+find no free slot wait in admission's queue and start, in order, as slots free.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -20,7 +22,7 @@ from prometheus_client import Counter, Gauge
 from services.gen.roundtable.agents.v1 import agents_pb2, agents_pb2_grpc
 from services.gen.roundtable.session.v1 import session_pb2
 from services.session.admission import Admission
-from services.session.document import apply_event, cancel_running_results, failure_reasons
+from services.session.document import apply_event, cancel_running_results, failure_reasons, prior_answers
 from services.session.notifier import EventNotifier
 from services.session.store import TERMINAL_STATUSES, Store
 from services.shared.logs import session_context
@@ -31,15 +33,20 @@ DISCUSSIONS_FINISHED = Counter(
     "roundtable_discussions_finished_total", "Discussions that reached a terminal status.", ["status"]
 )
 DISCUSSIONS_ACTIVE = Gauge("roundtable_discussions_active", "Discussions running on this session replica.")
+DISCUSSIONS_QUEUED = Gauge("roundtable_discussions_queued", "Discussions waiting for a slot on this replica.")
 
 Status: TypeAlias = session_pb2.DiscussionStatus.ValueType
 
+# stop() with this status leaves the discussion RUNNING in the store, to be resumed after a restart.
+SUSPEND: Status = session_pb2.DISCUSSION_STATUS_RUNNING
+
 
 @dataclass
-class ActiveDiscussion:
-    """A running discussion: its live document and its task."""
+class LiveDiscussion:
+    """A discussion this replica is running or holding in the queue: its document and owner."""
 
     doc: session_pb2.Discussion
+    owner: str
     started_monotonic: float = field(default_factory=time.monotonic)
     task: asyncio.Task[None] | None = None
     stop_status: Status = session_pb2.DISCUSSION_STATUS_UNSPECIFIED
@@ -54,7 +61,7 @@ def now_timestamp() -> timestamp_pb2.Timestamp:
 
 
 class DiscussionRunner:
-    """The running discussions of this replica."""
+    """The running and queued discussions of this replica."""
 
     def __init__(
         self,
@@ -64,41 +71,83 @@ class DiscussionRunner:
         admission: Admission,
         notifier: EventNotifier,
         agents_call_timeout_seconds: float,
+        lease_ttl_seconds: float,
+        max_events_per_discussion: int,
     ) -> None:
         self._store = store
         self._agents = agents
         self._admission = admission
         self._notifier = notifier
         self._call_timeout = agents_call_timeout_seconds
-        self.active: dict[str, ActiveDiscussion] = {}
+        self._lease_ttl_seconds = lease_ttl_seconds
+        self._max_events = max_events_per_discussion
+        self.active: dict[str, LiveDiscussion] = {}
+        self.queued: dict[str, LiveDiscussion] = {}
+        self._heartbeat: asyncio.Task[None] | None = None
         DISCUSSIONS_ACTIVE.set_function(lambda: len(self.active))
+        DISCUSSIONS_QUEUED.set_function(lambda: len(self.queued))
 
-    def live_document(self, discussion_id: str) -> session_pb2.Discussion | None:
-        """The freshest document of a running discussion (the store's may lag by text deltas)."""
-        active = self.active.get(discussion_id)
-        return None if active is None else active.doc
+    def live(self, discussion_id: str) -> LiveDiscussion | None:
+        """The running or queued discussion, with the freshest document (the store's may lag by deltas)."""
+        return self.active.get(discussion_id) or self.queued.get(discussion_id)
 
-    def start(self, doc: session_pb2.Discussion) -> None:
-        """Run an admitted, stored discussion; its admission slot is released when it ends."""
-        active = ActiveDiscussion(doc=doc)
-        self.active[doc.discussion_id] = active
+    def start_heartbeat(self) -> None:
+        """Renew the leases of running discussions, and admit queued ones into lapsed slots."""
+        self._heartbeat = asyncio.create_task(self._renew_leases(), name="admission-heartbeat")
+
+    async def stop_heartbeat(self) -> None:
+        """Stop renewing (shutdown)."""
+        if self._heartbeat is not None:
+            self._heartbeat.cancel()
+            await asyncio.gather(self._heartbeat, return_exceptions=True)
+
+    async def submit(self, doc: session_pb2.Discussion, owner: str, admitted: bool) -> None:
+        """Start an admitted, stored discussion now, or hold a queued one until admission promotes it."""
+        live = LiveDiscussion(doc=doc, owner=owner)
         self._notifier.open(doc.discussion_id, doc.last_sequence)
-        active.task = asyncio.create_task(self._run(active), name=f"discussion-{doc.discussion_id}")
+        if admitted:
+            self._start(live)
+            return
+        self.queued[doc.discussion_id] = live
+        if doc.status != session_pb2.DISCUSSION_STATUS_QUEUED or doc.last_sequence == 0:
+            doc.status = session_pb2.DISCUSSION_STATUS_QUEUED
+            await self._record(live, status_changed=session_pb2.StatusChanged(status=doc.status))
+        logger.info("discussion %s queued (%d waiting)", doc.discussion_id, len(self.queued))
+
+    def _start(self, live: LiveDiscussion) -> None:
+        live.doc.status = session_pb2.DISCUSSION_STATUS_RUNNING
+        live.started_monotonic = time.monotonic()
+        self.active[live.doc.discussion_id] = live
+        live.task = asyncio.create_task(self._run(live), name=f"discussion-{live.doc.discussion_id}")
+
+    def start_promoted(self, promoted: list[str]) -> None:
+        """Start the queued discussions admission has just given slots to."""
+        for discussion_id in promoted:
+            live = self.queued.pop(discussion_id, None)
+            if live is not None:
+                self._start(live)
 
     async def stop(self, discussion_id: str, status: Status, reason: str) -> bool:
-        """Stop a running discussion with this terminal status; False if it was not running here."""
-        active = self.active.get(discussion_id)
-        if active is None or active.task is None:
+        """End a running or queued discussion with this status (SUSPEND: leave it to be resumed)."""
+        queued = self.queued.pop(discussion_id, None)
+        if queued is not None:
+            self.start_promoted(await self._admission.release(discussion_id))
+            if status != SUSPEND:
+                await self._finish(queued, session_pb2.StatusChanged(status=status, error=reason))
+            self._notifier.close(discussion_id)
+            return True
+        live = self.active.get(discussion_id)
+        if live is None or live.task is None:
             return False
-        if active.stop_status == session_pb2.DISCUSSION_STATUS_UNSPECIFIED:
-            active.stop_status, active.stop_reason = status, reason
-            active.task.cancel()
-        await asyncio.wait({active.task})
+        if live.stop_status == session_pb2.DISCUSSION_STATUS_UNSPECIFIED:
+            live.stop_status, live.stop_reason = status, reason
+            live.task.cancel()
+        await asyncio.wait({live.task})
         return True
 
     async def stop_all(self, status: Status, reason: str) -> None:
-        """Stop every running discussion (shutdown)."""
-        await asyncio.gather(*(self.stop(i, status, reason) for i in list(self.active)))
+        """Stop every running and queued discussion (shutdown)."""
+        await asyncio.gather(*(self.stop(i, status, reason) for i in [*self.queued, *self.active]))
 
     async def wait_idle(self, timeout_seconds: float) -> None:
         """Wait until no discussion runs, or the timeout passes."""
@@ -106,13 +155,33 @@ class DiscussionRunner:
         if tasks:
             await asyncio.wait(tasks, timeout=timeout_seconds)
 
-    async def _run(self, active: ActiveDiscussion) -> None:
-        doc = active.doc
+    async def settle(self, doc: session_pb2.Discussion, status: Status, reason: str) -> None:
+        """Give a discussion that is not live here a terminal status, as an event and in its document."""
+        await self._finish(LiveDiscussion(doc=doc, owner=""), session_pb2.StatusChanged(status=status, error=reason))
+
+    async def release_agents(self, discussion_id: str) -> None:
+        """Ask the agent service to drop the session's agent set now (best effort)."""
+        try:
+            await self._agents.ReleaseSession(
+                agents_pb2.ReleaseSessionRequest(session_id=discussion_id),
+                timeout=5,
+                metadata=(("x-session-id", discussion_id),),
+            )
+        except grpc.aio.AioRpcError as error:
+            logger.warning("could not release agent set of %s: %s", discussion_id, error.code().name)
+
+    async def _run(self, live: LiveDiscussion) -> None:
+        doc = live.doc
         with session_context(doc.discussion_id):
-            logger.info("创建新讨论会话，话题: %s", doc.topic[:200])
+            resumed = doc.completed_rounds > 0 or doc.last_sequence > 1
+            if resumed:
+                logger.info("resuming after round %d", doc.completed_rounds)
+            else:
+                logger.info("创建新讨论会话，话题: %s", doc.topic[:200])
+            final: session_pb2.StatusChanged | None
             try:
-                await self._record(active, status_changed=session_pb2.StatusChanged(status=doc.status))
-                await self._drive(active)
+                await self._record(live, status_changed=session_pb2.StatusChanged(status=doc.status))
+                await self._drive(live)
                 if doc.completed_agents:
                     final = session_pb2.StatusChanged(status=session_pb2.DISCUSSION_STATUS_COMPLETED)
                 else:
@@ -121,10 +190,13 @@ class DiscussionRunner:
                         error=f"every agent failed: {failure_reasons(doc)}",
                     )
             except asyncio.CancelledError:
-                if active.stop_status == session_pb2.DISCUSSION_STATUS_UNSPECIFIED:
+                if live.stop_status == session_pb2.DISCUSSION_STATUS_UNSPECIFIED:
                     raise  # not ours: the event loop is closing
-                cancel_running_results(doc)
-                final = session_pb2.StatusChanged(status=active.stop_status, error=active.stop_reason)
+                if live.stop_status == SUSPEND:
+                    final = None
+                else:
+                    cancel_running_results(doc)
+                    final = session_pb2.StatusChanged(status=live.stop_status, error=live.stop_reason)
             except grpc.aio.AioRpcError as error:
                 logger.warning("agent service call failed: %s %s", error.code().name, error.details())
                 final = session_pb2.StatusChanged(
@@ -137,39 +209,56 @@ class DiscussionRunner:
                     status=session_pb2.DISCUSSION_STATUS_FAILED, error=f"internal error: {type(error).__name__}"
                 )
             try:
-                await self._record(active, status_changed=final)
-                logger.info("discussion ended: %s", session_pb2.DiscussionStatus.Name(final.status))
+                if final is not None:
+                    await self._finish(live, final)
+                else:
+                    await asyncio.shield(self._store.save(doc))
+                    logger.info("suspended after round %d, to resume on restart", doc.completed_rounds)
             finally:
-                DISCUSSIONS_FINISHED.labels(session_pb2.DiscussionStatus.Name(final.status)).inc()
                 self.active.pop(doc.discussion_id, None)
                 self._notifier.close(doc.discussion_id)
-                self._admission.release(time.monotonic() - active.started_monotonic)
+                duration = time.monotonic() - live.started_monotonic
+                self.start_promoted(await self._admission.release(doc.discussion_id, duration))
 
-    async def _drive(self, active: ActiveDiscussion) -> None:
-        doc = active.doc
+    async def _finish(self, live: LiveDiscussion, final: session_pb2.StatusChanged) -> None:
+        await self._record(live, status_changed=final)
+        DISCUSSIONS_FINISHED.labels(session_pb2.DiscussionStatus.Name(final.status)).inc()
+        logger.info("discussion ended: %s", session_pb2.DiscussionStatus.Name(final.status))
+
+    async def _drive(self, live: LiveDiscussion) -> None:
+        doc = live.doc
+        if doc.summary:
+            return  # everything was done before the interruption but the final status
+        budget = doc.token_budget
+        if budget:
+            budget = max(budget - doc.usage.total_tokens, 1)
         request = agents_pb2.RunDiscussionRequest(
             session_id=doc.discussion_id,
             topic=doc.topic,
             personas=doc.personas,
             rounds=doc.rounds,
-            token_budget=doc.token_budget,
+            token_budget=budget,
+            start_round=doc.completed_rounds + 1,
+            prior_answers=prior_answers(doc),
         )
         # x-session-id lets a load balancer keep a session on one agent replica.
         call = self._agents.RunDiscussion(
             request, timeout=self._call_timeout, metadata=(("x-session-id", doc.discussion_id),)
         )
+        # Deltas stop being recorded near the cap; the structural events always fit within it.
+        delta_cutoff = self._max_events - 3 * len(doc.personas) * (doc.rounds + 1) - 10
         try:
             async for agent_event in call:
                 kind = agent_event.WhichOneof("event")
-                if kind is None:
+                if kind is None or (kind == "agent_delta" and doc.last_sequence >= delta_cutoff):
                     continue
-                await self._record(active, **{kind: getattr(agent_event, kind)})
+                await self._record(live, **{kind: getattr(agent_event, kind)})
         finally:
             call.cancel()
 
-    async def _record(self, active: ActiveDiscussion, **payload: object) -> None:
+    async def _record(self, live: LiveDiscussion, **payload: object) -> None:
         """Sequence an event, store it, fold it into the document, then wake readers."""
-        doc = active.doc
+        doc = live.doc
         event = session_pb2.DiscussionEvent(
             discussion_id=doc.discussion_id,
             sequence=doc.last_sequence + 1,
@@ -184,27 +273,30 @@ class DiscussionRunner:
             await asyncio.shield(self._store.save(doc))
         self._notifier.publish(doc.discussion_id, event.sequence)
 
-    async def settle(self, doc: session_pb2.Discussion, status: Status, reason: str) -> None:
-        """Give a discussion that is not running here a terminal status, as an event and in its document."""
-        final = session_pb2.StatusChanged(status=status, error=reason)
-        await self._record(ActiveDiscussion(doc=doc), status_changed=final)
+    async def _renew_leases(self) -> None:
+        while True:
+            await asyncio.sleep(self._lease_ttl_seconds / 3)
+            with contextlib.suppress(Exception):
+                for discussion_id in list(self.active):
+                    if not await self._admission.renew(discussion_id):
+                        # Its slot lapsed (the loop stalled past the ttl) and may be someone else's now.
+                        logger.warning("admission lease of %s lapsed; interrupting it", discussion_id)
+                        self._interrupt_later(discussion_id)
+                self.start_promoted(await self._admission.reap())
 
-    async def release_agents(self, discussion_id: str) -> None:
-        """Ask the agent service to drop the session's agent set now (best effort)."""
-        try:
-            await self._agents.ReleaseSession(
-                agents_pb2.ReleaseSessionRequest(session_id=discussion_id),
-                timeout=5,
-                metadata=(("x-session-id", discussion_id),),
-            )
-        except grpc.aio.AioRpcError as error:
-            logger.warning("could not release agent set of %s: %s", discussion_id, error.code().name)
+    def _interrupt_later(self, discussion_id: str) -> None:
+        reason = "its admission lease lapsed"
+        task = asyncio.create_task(self.stop(discussion_id, session_pb2.DISCUSSION_STATUS_INTERRUPTED, reason))
+        _background.add(task)
+        task.add_done_callback(_background.discard)
+
+
+_background: set[asyncio.Task[bool]] = set()
 
 
 def _extend_expiry(doc: session_pb2.Discussion) -> None:
     """Progress counts as activity: a discussion never expires while it is moving."""
-    ttl_nanos = doc.ttl.ToNanoseconds()
-    candidate = doc.updated_at.ToNanoseconds() + ttl_nanos
+    candidate = doc.updated_at.ToNanoseconds() + doc.ttl.ToNanoseconds()
     if candidate > doc.expires_at.ToNanoseconds():
         doc.expires_at.FromNanoseconds(candidate)
 

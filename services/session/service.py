@@ -9,52 +9,70 @@ import grpc
 
 from services.gen.roundtable.agents.v1 import agents_pb2_grpc
 from services.gen.roundtable.session.v1 import session_pb2, session_pb2_grpc
-from services.session.admission import Admission
+from services.session.admission import MemoryAdmission
+from services.session.auth import Authenticator, load_keys
 from services.session.expiry import ExpirySweeper
 from services.session.memory_store import MemoryStore
+from services.session.memory_watch import MemoryWatch
 from services.session.notifier import EventNotifier
 from services.session.personas import PersonaCatalog
-from services.session.runner import DiscussionRunner
+from services.session.rate_limit import NoRateLimit, RateLimiter, WindowRateLimiter
+from services.session.runner import SUSPEND, DiscussionRunner
 from services.session.servicer import SessionServicer
 from services.session.settings import SessionSettings
 from services.session.sqlite_store import SqliteStore
 from services.session.store import Store
 from services.shared.client import client_interceptors
 from services.shared.reporter import InstanceLoad
+from services.shared.tls import create_channel
 
 logger = logging.getLogger(__name__)
 
-RESTART_REASON = "the session service stopped while this discussion ran"
+STOP_REASON = "the session service stopped while this discussion ran"
 
 
 class SessionService:
-    """Owns the store, the runner, admission and expiry of one session replica."""
+    """Owns the store, the runner, identity, limits and expiry of one session replica."""
 
     name: str = "session"
     grpc_services: Sequence[str] = ("roundtable.session.v1.SessionService",)
 
     def __init__(self, settings: SessionSettings) -> None:
         self.settings = settings
-        self.admission = Admission(settings.max_concurrent_sessions)
+        self.admission = MemoryAdmission(
+            capacity=settings.max_concurrent_sessions,
+            max_queued=settings.max_queued_sessions,
+            max_per_principal=settings.max_concurrent_sessions_per_principal,
+            lease_ttl_seconds=settings.lease_ttl_seconds,
+        )
         self.notifier = EventNotifier()
         self.store: Store = MemoryStore()
+        self.authenticator = Authenticator(
+            load_keys(settings.api_keys_file) if settings.api_keys_file else {}, settings.allow_anonymous
+        )
+        self.rate_limiter: RateLimiter = (
+            WindowRateLimiter(settings.rate_limit_per_minute) if settings.enable_rate_limiting else NoRateLimit()
+        )
+        self.memory_watch = (
+            MemoryWatch(
+                limit_rss_bytes=settings.memory_limit_rss_mb * 2**20,
+                limit_system_percent=settings.memory_limit_system_percent,
+            )
+            if settings.enable_memory_monitoring
+            else None
+        )
         self._channel: grpc.aio.Channel | None = None
         self.runner: DiscussionRunner | None = None
         self.sweeper: ExpirySweeper | None = None
         self.servicer: SessionServicer | None = None
 
-    def register(self, server: grpc.aio.Server) -> None:
-        """Add the SessionService servicer (built in start(), which the host runs first)."""
-        if self.servicer is None:
-            raise RuntimeError("start() must run before register()")
-        session_pb2_grpc.add_SessionServiceServicer_to_server(self.servicer, server)
-
     async def start(self) -> None:
-        """Open the store, connect to the agent service, settle leftovers, start sweeping."""
+        """Open the store, connect to the agent service, take up leftovers, start the background loops."""
         if self.settings.store == "sqlite":
             self.store = await SqliteStore.open(self.settings.sqlite_path)
-        self._channel = grpc.aio.insecure_channel(
+        self._channel = create_channel(
             self.settings.agents_address,
+            self.settings,
             interceptors=client_interceptors(),
             options=[
                 ("grpc.max_receive_message_length", self.settings.max_message_bytes),
@@ -68,8 +86,9 @@ class SessionService:
             admission=self.admission,
             notifier=self.notifier,
             agents_call_timeout_seconds=self.settings.agents_call_timeout_seconds,
+            lease_ttl_seconds=self.settings.lease_ttl_seconds,
+            max_events_per_discussion=self.settings.max_events_per_discussion,
         )
-        await self._interrupt_leftovers()
         self.servicer = SessionServicer(
             settings=self.settings,
             store=self.store,
@@ -77,35 +96,66 @@ class SessionService:
             admission=self.admission,
             notifier=self.notifier,
             personas=PersonaCatalog(agents, self.settings.max_personas),
+            authenticator=self.authenticator,
+            rate_limiter=self.rate_limiter,
+            memory_watch=self.memory_watch,
         )
+        await self._take_up_leftovers(self.runner)
+        self.runner.start_heartbeat()
         self.sweeper = ExpirySweeper(
             store=self.store, runner=self.runner, interval_seconds=self.settings.cleanup_interval_seconds
         )
         self.sweeper.start()
 
-    async def _interrupt_leftovers(self) -> None:
-        """Discussions a previous process left running can't be continued (yet): mark them INTERRUPTED."""
-        assert self.runner is not None
-        for doc in await self.store.unfinished():
-            await self.runner.settle(doc, session_pb2.DISCUSSION_STATUS_INTERRUPTED, RESTART_REASON)
-            logger.warning("discussion %s was left running by a previous process: INTERRUPTED", doc.discussion_id)
+    def register(self, server: grpc.aio.Server) -> None:
+        """Add the SessionService servicer (built in start(), which the host runs first)."""
+        if self.servicer is None:
+            raise RuntimeError("start() must run before register()")
+        session_pb2_grpc.add_SessionServiceServicer_to_server(self.servicer, server)
+
+    async def _take_up_leftovers(self, runner: DiscussionRunner) -> None:
+        """Discussions a previous process left unfinished: resume or re-queue them, or mark them INTERRUPTED."""
+        leftovers = sorted(await self.store.unfinished(), key=lambda d: d.created_at.ToNanoseconds())
+        for doc in leftovers:
+            owner = await self.store.owner(doc.discussion_id) or ""
+            if doc.status == session_pb2.DISCUSSION_STATUS_QUEUED:
+                admitted = await self.admission.admit(doc.discussion_id, owner)
+                await runner.submit(doc, owner, admitted)
+            elif self.settings.resume_interrupted:
+                # It held a slot before the stop: it gets one back whatever the caps say now.
+                await self.admission.admit_unchecked(doc.discussion_id, owner)
+                await runner.submit(doc, owner, admitted=True)
+                logger.warning("resuming discussion %s after round %d", doc.discussion_id, doc.completed_rounds)
+            else:
+                await runner.settle(doc, session_pb2.DISCUSSION_STATUS_INTERRUPTED, STOP_REASON)
+                logger.warning("discussion %s was cut short by a stop: INTERRUPTED", doc.discussion_id)
 
     async def drain(self, grace_seconds: float) -> None:
-        """Refuse new discussions, give running ones the grace period, then interrupt the rest."""
-        self.admission.closed = True
+        """Refuse new discussions, give running ones the grace period, then suspend or interrupt the rest."""
+        if self.servicer is not None:
+            self.servicer.accepting = False
         if self.runner is None:
             return
         await self.runner.wait_idle(grace_seconds)
-        await self.runner.stop_all(session_pb2.DISCUSSION_STATUS_INTERRUPTED, RESTART_REASON)
+        if self.settings.resume_interrupted:
+            await self.runner.stop_all(SUSPEND, STOP_REASON)
+        else:
+            await self.runner.stop_all(session_pb2.DISCUSSION_STATUS_INTERRUPTED, STOP_REASON)
 
     async def close(self) -> None:
-        """Stop sweeping, close the agent channel and the store."""
+        """Stop the background loops, close the agent channel and the store."""
         if self.sweeper is not None:
             await self.sweeper.stop()
+        if self.runner is not None:
+            await self.runner.stop_heartbeat()
         if self._channel is not None:
             await self._channel.close()
         await self.store.close()
 
     def load(self) -> InstanceLoad:
-        """Running discussions and capacity, for monitor reports."""
-        return InstanceLoad(active_sessions=self.admission.active, session_capacity=self.admission.capacity)
+        """Running and queued discussions and capacity, for monitor reports."""
+        return InstanceLoad(
+            active_sessions=self.admission.active(),
+            queued_sessions=self.admission.queued(),
+            session_capacity=self.admission.capacity,
+        )

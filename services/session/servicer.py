@@ -1,4 +1,4 @@
-"""SessionService servicer: the public contract, translated to the store and the runner."""
+"""SessionService servicer: the public contract, translated to identity, limits, the store and the runner."""
 
 from __future__ import annotations
 
@@ -12,24 +12,25 @@ import grpc
 from services.gen.roundtable.session.v1 import session_pb2, session_pb2_grpc
 from services.session import validation
 from services.session.admission import Admission
+from services.session.auth import Authenticator
+from services.session.memory_watch import MemoryWatch
 from services.session.notifier import EventNotifier
 from services.session.personas import PersonaCatalog
+from services.session.rate_limit import RateLimiter
 from services.session.runner import DiscussionRunner, is_terminal, now_timestamp
 from services.session.settings import SessionSettings
 from services.session.store import InvalidPageToken, Store
-from services.shared.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from services.shared.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, Unavailable
 
 logger = logging.getLogger(__name__)
 
-# Until authentication lands every caller is this one local principal.
-ANONYMOUS = "anonymous"
 EVENTS_PER_READ = 256
 # A reader re-checks the store this often even without a wake-up (belt and braces).
 STREAM_POLL_SECONDS = 2.0
 
 
 class SessionServicer(session_pb2_grpc.SessionServiceServicer):
-    """Creates, reads, streams, cancels, lists and deletes discussions."""
+    """Creates, reads, streams, cancels, lists and deletes discussions, each the caller's own."""
 
     def __init__(
         self,
@@ -40,6 +41,9 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
         admission: Admission,
         notifier: EventNotifier,
         personas: PersonaCatalog,
+        authenticator: Authenticator,
+        rate_limiter: RateLimiter,
+        memory_watch: MemoryWatch | None,
     ) -> None:
         self._settings = settings
         self._store = store
@@ -47,52 +51,63 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
         self._admission = admission
         self._notifier = notifier
         self._personas = personas
+        self._auth = authenticator
+        self._rate = rate_limiter
+        self._memory = memory_watch
+        self.accepting = True
 
     async def CreateDiscussion(
         self, request: session_pb2.CreateDiscussionRequest, context: grpc.aio.ServicerContext
     ) -> session_pb2.Discussion:
-        """Validate, admit, store, then start the discussion."""
+        """Authenticate, validate, admit (or queue), store, then start the discussion."""
+        owner = await self._caller(context, self._settings.create_cost)
         topic = validation.topic(request.topic, self._settings.max_topic_chars)
         rounds = validation.rounds(request.rounds, self._settings.max_rounds)
         request_id = validation.request_id(request.request_id)
+        token_budget = validation.token_budget(request.token_budget)
         ttl_seconds = self._ttl_seconds(request)
         personas = await self._personas.resolve(list(request.personas))
-        owner = ANONYMOUS
-        if self._admission.closed:
+        if not self.accepting:
             raise Unavailable("the server is shutting down; retry with the same request_id")
-        self._admission.admit()
-        started = False
+        if self._memory is not None:
+            self._memory.check()
+        await self._check_retention(owner)
+        discussion_id = secrets.token_hex(16)
+        admitted = await self._admission.admit(discussion_id, owner)
+        submitted = False
         try:
             now = now_timestamp()
             doc = session_pb2.Discussion(
-                discussion_id=secrets.token_hex(16),
+                discussion_id=discussion_id,
                 topic=topic,
-                status=session_pb2.DISCUSSION_STATUS_RUNNING,
+                status=session_pb2.DISCUSSION_STATUS_RUNNING if admitted else session_pb2.DISCUSSION_STATUS_QUEUED,
                 personas=personas,
                 rounds=rounds,
                 created_at=now,
                 updated_at=now,
                 last_accessed_at=now,
                 request_id=request_id,
-                token_budget=validation.token_budget(request.token_budget),
+                token_budget=token_budget,
             )
             doc.ttl.FromNanoseconds(int(ttl_seconds * 1e9))
             doc.expires_at.FromNanoseconds(now.ToNanoseconds() + doc.ttl.ToNanoseconds())
             stored = await self._store.create(owner, doc)
             if stored.discussion_id != doc.discussion_id:
-                return self._runner.live_document(stored.discussion_id) or stored  # idempotent replay
-            self._runner.start(stored)
-            started = True
-            return stored
+                live = self._runner.live(stored.discussion_id)  # idempotent replay
+                return _copy(live.doc) if live is not None else stored
+            await self._runner.submit(stored, owner, admitted)
+            submitted = True
+            return _copy(stored)
         finally:
-            if not started:
-                self._admission.release()
+            if not submitted:
+                self._runner.start_promoted(await self._admission.release(discussion_id))
 
     async def GetDiscussion(
         self, request: session_pb2.GetDiscussionRequest, context: grpc.aio.ServicerContext
     ) -> session_pb2.Discussion:
         """The whole document; touches last_accessed_at."""
-        doc = await self._visible(request.discussion_id)
+        owner = await self._caller(context, self._settings.read_cost)
+        doc = await self._visible(request.discussion_id, owner)
         await self._touch(doc)
         return doc
 
@@ -100,9 +115,10 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
         self, request: session_pb2.StreamDiscussionRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[session_pb2.DiscussionEvent]:
         """Replay events after after_sequence, then follow live until the discussion is terminal."""
+        owner = await self._caller(context, self._settings.read_cost)
         if request.after_sequence < 0:
             raise InvalidArgument("after_sequence must not be negative", "after_sequence")
-        doc = await self._visible(request.discussion_id)
+        doc = await self._visible(request.discussion_id, owner)
         await self._touch(doc)
         discussion_id = doc.discussion_id
         last = request.after_sequence
@@ -115,9 +131,9 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
                     return
             if events:
                 continue
-            if discussion_id not in self._runner.active:
-                # Not running here: everything it will ever have is in the store. One last look
-                # covers events written between the read above and the runner finishing.
+            if self._runner.live(discussion_id) is None:
+                # Not live here: everything it will have (until a restart resumes it) is in the store.
+                # One last look covers events written between the read above and the runner finishing.
                 if not await self._store.events_after(discussion_id, last, 1):
                     return
                 continue
@@ -126,8 +142,9 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
     async def CancelDiscussion(
         self, request: session_pb2.CancelDiscussionRequest, context: grpc.aio.ServicerContext
     ) -> session_pb2.Discussion:
-        """Stop the agents now; CANCELLED, partial results kept."""
-        doc = await self._visible(request.discussion_id)
+        """Stop the agents now (or leave the queue); CANCELLED, partial results kept."""
+        owner = await self._caller(context, self._settings.read_cost)
+        doc = await self._visible(request.discussion_id, owner)
         if is_terminal(doc.status):
             raise FailedPrecondition(
                 f"discussion {doc.discussion_id} is already {session_pb2.DiscussionStatus.Name(doc.status)}"
@@ -141,20 +158,19 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
         if found is None:
             raise NotFound(f"discussion {doc.discussion_id} not found")
         if not is_terminal(found.status):
-            raise FailedPrecondition(f"discussion {doc.discussion_id} is not running on this replica")
+            raise Unavailable(f"discussion {doc.discussion_id} is not running on this replica; retry")
         return found
 
     async def ListDiscussions(
         self, request: session_pb2.ListDiscussionsRequest, context: grpc.aio.ServicerContext
     ) -> session_pb2.ListDiscussionsResponse:
         """The caller's discussions, newest first."""
+        owner = await self._caller(context, self._settings.read_cost)
         page_size = validation.page_size(request.page_size)
         if request.status not in session_pb2.DiscussionStatus.values():
             raise InvalidArgument(f"status {request.status} is not a DiscussionStatus", "status")
         try:
-            discussions, next_token = await self._store.list_page(
-                ANONYMOUS, request.status, page_size, request.page_token
-            )
+            discussions, next_token = await self._store.list_page(owner, request.status, page_size, request.page_token)
         except InvalidPageToken as error:
             raise InvalidArgument(str(error), "page_token") from error
         return session_pb2.ListDiscussionsResponse(discussions=discussions, next_page_token=next_token)
@@ -163,21 +179,44 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
         self, request: session_pb2.DeleteDiscussionRequest, context: grpc.aio.ServicerContext
     ) -> session_pb2.DeleteDiscussionResponse:
         """Remove the discussion, its events and its agent set."""
-        doc = await self._visible(request.discussion_id)
+        owner = await self._caller(context, self._settings.read_cost)
+        doc = await self._visible(request.discussion_id, owner)
         await self._runner.stop(doc.discussion_id, session_pb2.DISCUSSION_STATUS_CANCELLED, "deleted by the client")
         await self._store.delete(doc.discussion_id)
         await self._runner.release_agents(doc.discussion_id)
         return session_pb2.DeleteDiscussionResponse()
 
-    async def _visible(self, discussion_id: str) -> session_pb2.Discussion:
-        """The caller's discussion, freshest copy; NOT_FOUND for unknown ids and other callers' ones."""
+    async def _caller(self, context: grpc.aio.ServicerContext, cost: int) -> str:
+        """The authenticated principal, after charging the call to its rate limit."""
+        principal = self._auth.principal(context.invocation_metadata())
+        await self._rate.spend(principal, cost)
+        return principal
+
+    async def _check_retention(self, owner: str) -> None:
+        count, earliest_expiry = await self._store.owned(owner)
+        limit = self._settings.max_retained_discussions_per_principal
+        if count >= limit:
+            retry_after = max((earliest_expiry or time.time()) - time.time(), 1.0)
+            raise ResourceExhausted(
+                f"you have {count} stored discussions, the most one caller may keep; delete some "
+                "(DeleteDiscussion) or wait for the oldest to expire",
+                retry_after_seconds=retry_after,
+                subject=f"principal:{owner}",
+                limit="max_retained_discussions_per_principal",
+            )
+
+    async def _visible(self, discussion_id: str, owner: str) -> session_pb2.Discussion:
+        """The caller's discussion, freshest copy; NOT_FOUND for unknown ids and for other callers' ones."""
         validation.discussion_id(discussion_id)
-        live = self._runner.live_document(discussion_id)
+        not_found = NotFound(f"discussion {discussion_id} not found (it may have expired or been deleted)")
+        live = self._runner.live(discussion_id)
         if live is not None:
-            return _copy(live)
+            if live.owner != owner:
+                raise not_found
+            return _copy(live.doc)
         doc = await self._store.get(discussion_id)
-        if doc is None or await self._store.owner(discussion_id) != ANONYMOUS:
-            raise NotFound(f"discussion {discussion_id} not found (it may have expired or been deleted)")
+        if doc is None or await self._store.owner(discussion_id) != owner:
+            raise not_found
         return doc
 
     async def _touch(self, doc: session_pb2.Discussion) -> None:
@@ -190,12 +229,11 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
         expires_at = now + ttl_seconds
         doc.last_accessed_at.FromNanoseconds(int(now * 1e9))
         doc.expires_at.FromNanoseconds(int(expires_at * 1e9))
-        live = self._runner.live_document(doc.discussion_id)
+        live = self._runner.live(doc.discussion_id)
         if live is not None:
-            # The runner's next save persists it; writing here could race that save with a stale copy.
-            live.last_accessed_at.CopyFrom(doc.last_accessed_at)
-            live.expires_at.CopyFrom(doc.expires_at)
-            return
+            live.doc.last_accessed_at.CopyFrom(doc.last_accessed_at)
+            live.doc.expires_at.CopyFrom(doc.expires_at)
+        # One statement that only moves the times forward: safe beside the runner's saves.
         await self._store.touch(doc.discussion_id, now, expires_at)
 
     def _ttl_seconds(self, request: session_pb2.CreateDiscussionRequest) -> float:

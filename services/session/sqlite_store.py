@@ -188,6 +188,15 @@ class SqliteStore:
             next_token = encode_page_token(created_nanos(page[-1]), page[-1].discussion_id)
         return [summary_view(d) for d in page], next_token
 
+    async def owned(self, owner: str) -> tuple[int, float | None]:
+        """Count and earliest expiry of the owner's discussions (one indexed query)."""
+        async with self._db.execute(
+            "SELECT COUNT(*), MIN(expires_at) FROM discussions WHERE owner = ?", (owner,)
+        ) as cursor:
+            row = await cursor.fetchone()
+        assert row is not None
+        return int(row[0]), None if row[1] is None else float(row[1])
+
     async def delete(self, discussion_id: str) -> bool:
         """Remove the discussion; its events go with it (ON DELETE CASCADE), atomically."""
         cursor = await self._db.execute("DELETE FROM discussions WHERE discussion_id = ?", (discussion_id,))

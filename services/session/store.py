@@ -65,6 +65,10 @@ class Store(Protocol):
         """The owner's discussions newest first (all statuses if UNSPECIFIED), and the next page token."""
         ...
 
+    async def owned(self, owner: str) -> tuple[int, float | None]:
+        """How many discussions the owner has stored, and the earliest time one of them expires."""
+        ...
+
     async def delete(self, discussion_id: str) -> bool:
         """Remove a discussion and its events; False if it did not exist."""
         ...

@@ -40,6 +40,12 @@ class InvalidArgument(RoundtableError):
         ]
 
 
+class Unauthenticated(RoundtableError):
+    """The caller did not prove who it is."""
+
+    code = grpc.StatusCode.UNAUTHENTICATED
+
+
 class NotFound(RoundtableError):
     """The named thing does not exist (or is not the caller's)."""
 

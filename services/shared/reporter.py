@@ -66,7 +66,7 @@ class MonitorReporter:
     def __init__(
         self,
         *,
-        monitor_address: str,
+        open_channel: Callable[[], grpc.aio.Channel],
         interval_seconds: float,
         instance_id: str,
         service: str,
@@ -74,7 +74,8 @@ class MonitorReporter:
         grpc_services: list[str],
         load: Callable[[], InstanceLoad],
     ) -> None:
-        self._monitor_address = monitor_address
+        self._open_channel = open_channel
+        self._channel: grpc.aio.Channel | None = None
         self._interval_seconds = interval_seconds
         self._instance_id = instance_id
         self._service = service
@@ -88,14 +89,17 @@ class MonitorReporter:
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
-        """Begin reporting in the background."""
-        self._task = asyncio.create_task(self._run(), name=f"monitor-reporter-{self._service}")
+        """Open the monitor channel now, so bad credentials fail start-up, and begin reporting in the background."""
+        self._channel = self._open_channel()
+        self._task = asyncio.create_task(self._run(self._channel), name=f"monitor-reporter-{self._service}")
 
     async def stop(self) -> None:
-        """Stop reporting."""
+        """Stop reporting and close the channel."""
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
+        if self._channel is not None:
+            await self._channel.close()
 
     def build_report(self) -> monitor_pb2.InstanceReport:
         """This instance's report as of now."""
@@ -119,15 +123,14 @@ class MonitorReporter:
             rss_bytes=self._process.memory_info().rss,
         )
 
-    async def _run(self) -> None:
+    async def _run(self, channel: grpc.aio.Channel) -> None:
         backoff = self._interval_seconds
-        async with grpc.aio.insecure_channel(self._monitor_address) as channel:
-            stub = monitor_pb2_grpc.MonitorServiceStub(channel)
-            while True:
-                try:
-                    await stub.ReportInstance(self.build_report(), timeout=min(5.0, self._interval_seconds))
-                    backoff = self._interval_seconds
-                except grpc.aio.AioRpcError as error:
-                    backoff = min(backoff * 2, MAX_BACKOFF_SECONDS)
-                    logger.debug("monitor report failed (%s); next try in %.0f s", error.code(), backoff)
-                await asyncio.sleep(backoff)
+        stub = monitor_pb2_grpc.MonitorServiceStub(channel)
+        while True:
+            try:
+                await stub.ReportInstance(self.build_report(), timeout=min(5.0, self._interval_seconds))
+                backoff = self._interval_seconds
+            except grpc.aio.AioRpcError as error:
+                backoff = min(backoff * 2, MAX_BACKOFF_SECONDS)
+                logger.debug("monitor report failed (%s); next try in %.0f s", error.code(), backoff)
+            await asyncio.sleep(backoff)

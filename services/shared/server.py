@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import signal
 from collections.abc import Callable, Sequence
@@ -17,6 +18,7 @@ from services.shared.logs import setup_logging
 from services.shared.metrics import MetricsServer
 from services.shared.reporter import InstanceLoad, MonitorReporter
 from services.shared.settings import S, ServiceSettings, load_settings
+from services.shared.tls import create_channel, server_credentials
 
 logger = logging.getLogger(__name__)
 
@@ -76,6 +78,8 @@ class ServiceHost:
 
     async def start(self) -> None:
         """Bind, start serving, and mark every service SERVING."""
+        # Read before anything opens, so unreadable certificates stop start-up with nothing to clean up.
+        credentials = server_credentials(self.settings)
         # The service builds its servicers (store, channels) before they are registered.
         await self.service.start()
         self.service.register(self.server)
@@ -83,7 +87,11 @@ class ServiceHost:
         if self.settings.enable_reflection:
             names = [*self.service.grpc_services, health.SERVICE_NAME, reflection.SERVICE_NAME]
             reflection.enable_server_reflection(names, self.server)
-        self.port = self.server.add_insecure_port(f"{self.settings.host}:{self.settings.port}")
+        bind = f"{self.settings.host}:{self.settings.port}"
+        if credentials is None:
+            self.port = self.server.add_insecure_port(bind)
+        else:
+            self.port = self.server.add_secure_port(bind, credentials)
         if self.port == 0:
             raise OSError(f"cannot bind {self.settings.host}:{self.settings.port}")
         if self.settings.metrics_port >= 0:
@@ -98,7 +106,7 @@ class ServiceHost:
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         if self.settings.monitor_address:
             self._reporter = MonitorReporter(
-                monitor_address=self.settings.monitor_address,
+                open_channel=functools.partial(create_channel, self.settings.monitor_address, self.settings),
                 interval_seconds=self.settings.report_interval_seconds,
                 instance_id=self.settings.instance_id,
                 service=self.service.name,
@@ -108,9 +116,10 @@ class ServiceHost:
             )
             self._reporter.start()
         logger.info(
-            "%s service listening on %s (metrics on %s)",
+            "%s service listening on %s (%s; metrics on %s)",
             self.service.name,
             self.address,
+            _transport(self.settings),
             f"{self.settings.host}:{self.metrics.port}" if self.metrics else "off",
         )
 
@@ -130,6 +139,12 @@ class ServiceHost:
         if self.metrics is not None:
             self.metrics.stop()
         logger.info("%s service stopped", self.service.name)
+
+
+def _transport(settings: ServiceSettings) -> str:
+    if settings.tls_cert_file is None:
+        return "plaintext"
+    return "mTLS" if settings.tls_client_ca_file is not None else "TLS"
 
 
 def run_service(settings_cls: type[S], build: Callable[[S], Service], argv: list[str] | None = None) -> None:

@@ -2,14 +2,23 @@
 
 from __future__ import annotations
 
+import pathlib
 import socket
 import uuid
-from typing import Literal, TypeVar
+from typing import Any, Literal, Self, TypeVar
 
-from pydantic import Field
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 LogFormat = Literal["text", "json"]
+TLS_FILE_FIELDS = (
+    "tls_cert_file",
+    "tls_key_file",
+    "tls_client_ca_file",
+    "tls_ca_file",
+    "tls_client_cert_file",
+    "tls_client_key_file",
+)
 
 
 def default_instance_id() -> str:
@@ -47,6 +56,52 @@ class ServiceSettings(BaseSettings):
     )
     monitor_address: str = Field("", description="host:port of the monitor service; empty disables reports.")
     report_interval_seconds: float = Field(10.0, gt=0, description="How often to report to the monitor.")
+    tls_cert_file: pathlib.Path | None = Field(
+        None, description="PEM certificate chain the gRPC server presents; with --tls-key-file, serve TLS only."
+    )
+    tls_key_file: pathlib.Path | None = Field(None, description="PEM private key of --tls-cert-file.")
+    tls_client_ca_file: pathlib.Path | None = Field(
+        None, description="PEM CA certificates; when set, clients must present a certificate they signed (mTLS)."
+    )
+    tls_ca_file: pathlib.Path | None = Field(
+        None, description="PEM CA certificates servers this service calls must chain to; when set, calls use TLS."
+    )
+    tls_client_cert_file: pathlib.Path | None = Field(
+        None, description="PEM certificate chain this service presents when it calls a server requiring mTLS."
+    )
+    tls_client_key_file: pathlib.Path | None = Field(None, description="PEM private key of --tls-client-cert-file.")
+
+    @field_validator(*TLS_FILE_FIELDS, mode="before")
+    @classmethod
+    def _empty_path_is_unset(cls, value: Any) -> Any:
+        # An empty flag or environment variable turns TLS off, like an empty --monitor-address.
+        return None if value == "" else value
+
+    @field_validator(*TLS_FILE_FIELDS)
+    @classmethod
+    def _readable_pem(cls, path: pathlib.Path | None, info: ValidationInfo) -> pathlib.Path | None:
+        if path is None:
+            return None
+        try:
+            content = path.read_bytes()
+        except OSError as error:
+            raise ValueError(f"cannot read {path}: {error.strerror or error}") from None
+        kind = "PRIVATE KEY" if info.field_name in ("tls_key_file", "tls_client_key_file") else "CERTIFICATE"
+        if b"-----BEGIN " not in content or f"{kind}-----".encode() not in content:
+            raise ValueError(f"{path} holds no PEM {kind.lower()}")
+        return path
+
+    @model_validator(mode="after")
+    def _tls_settings_fit_together(self) -> Self:
+        for cert, key in (("tls_cert_file", "tls_key_file"), ("tls_client_cert_file", "tls_client_key_file")):
+            if (getattr(self, cert) is None) != (getattr(self, key) is None):
+                missing = key if getattr(self, key) is None else cert
+                raise ValueError(f"{cert} and {key} go together, but {missing} is not set")
+        if self.tls_client_ca_file is not None and self.tls_cert_file is None:
+            raise ValueError("tls_client_ca_file (mTLS) needs the server's own tls_cert_file and tls_key_file")
+        if self.tls_client_cert_file is not None and self.tls_ca_file is None:
+            raise ValueError("tls_client_cert_file needs tls_ca_file: a client certificate is only sent over TLS")
+        return self
 
 
 S = TypeVar("S", bound=ServiceSettings)
@@ -65,6 +120,9 @@ def load_settings(settings_cls: type[S], argv: list[str] | None = None) -> S:
         lines = [f"invalid settings for {settings_cls.__name__}:"]
         for problem in error.errors():
             field = ".".join(str(part) for part in problem["loc"])
+            if not field:  # a check across settings: its message names them
+                lines.append(f"  {problem['msg']}")
+                continue
             lines.append(
                 f"  {field} (--{field.replace('_', '-')} or {prefix}{field.upper()}): {problem['msg']}"
                 f" (got {problem.get('input')!r})"

@@ -27,7 +27,9 @@ async def _wait_until(condition: Callable[[], Awaitable[bool]], timeout_seconds:
 
 async def test_sixth_concurrent_create_is_refused_with_retry_info(make_suite: MakeSuite) -> None:
     # Slow answers so the first five are still running when the sixth arrives.
-    suite = await make_suite(session={"max_concurrent_sessions": 5}, simulator={"first_token_latency_ms": 1500})
+    suite = await make_suite(
+        session={"max_concurrent_sessions": 5, "max_queued_sessions": 0}, simulator={"first_token_latency_ms": 1500}
+    )
     stub = suite.session()
     request = session_pb2.CreateDiscussionRequest(topic="capacity", personas=["engineer"])
     running = await asyncio.gather(*(stub.CreateDiscussion(request, timeout=5) for _ in range(5)))
@@ -53,7 +55,7 @@ async def test_sixth_concurrent_create_is_refused_with_retry_info(make_suite: Ma
 
 
 async def _admits(suite: Suite) -> bool:
-    return suite.session_service.admission.active < suite.session_service.admission.capacity
+    return suite.session_service.admission.active() < suite.session_service.admission.capacity
 
 
 async def test_idle_discussions_expire_and_release_their_agent_sets(make_suite: MakeSuite) -> None:
@@ -119,8 +121,8 @@ async def test_completed_discussions_survive_a_restart_on_sqlite(make_suite: Mak
     assert before.discussion_id in [d.discussion_id for d in listed.discussions]
 
 
-async def test_discussions_running_at_a_stop_are_interrupted_not_stuck(make_suite: MakeSuite) -> None:
-    suite = await make_suite(simulator={"first_token_latency_ms": 5000})
+async def test_with_resume_off_discussions_cut_short_by_a_stop_are_interrupted(make_suite: MakeSuite) -> None:
+    suite = await make_suite(simulator={"first_token_latency_ms": 5000}, session={"resume_interrupted": False})
     stub = suite.session()
     created = await stub.CreateDiscussion(session_pb2.CreateDiscussionRequest(topic="cut short", personas=["engineer"]))
     await suite.restart_session()
@@ -129,8 +131,9 @@ async def test_discussions_running_at_a_stop_are_interrupted_not_stuck(make_suit
     assert "stopped while this discussion ran" in after.error
 
 
-async def test_a_crash_leaves_no_discussion_running_after_restart(make_suite: MakeSuite) -> None:
-    suite = await make_suite()
+@pytest.mark.parametrize("resume", [True, False])
+async def test_a_crash_leaves_no_discussion_running_after_restart(make_suite: MakeSuite, resume: bool) -> None:
+    suite = await make_suite(session={"resume_interrupted": resume})
     stub = suite.session()
     doc, _ = await run_to_end(stub, session_pb2.CreateDiscussionRequest(topic="crash", personas=["engineer"]))
     # Simulate a process that died mid-run: the stored document still says RUNNING.
@@ -144,9 +147,19 @@ async def test_a_crash_leaves_no_discussion_running_after_restart(make_suite: Ma
             (stale.status, stale.SerializeToString(), doc.discussion_id),
         )
     await suite.restart_session()
-    after = await suite.session().GetDiscussion(session_pb2.GetDiscussionRequest(discussion_id=doc.discussion_id))
-    assert after.status == session_pb2.DISCUSSION_STATUS_INTERRUPTED
-    assert after.results == doc.results  # what was recorded is kept
+    stub = suite.session()
+
+    async def settled() -> bool:
+        runner = suite.session_service.runner
+        return runner is not None and runner.live(doc.discussion_id) is None
+
+    await _wait_until(settled)
+    after = await stub.GetDiscussion(session_pb2.GetDiscussionRequest(discussion_id=doc.discussion_id))
+    expected = session_pb2.DISCUSSION_STATUS_COMPLETED if resume else session_pb2.DISCUSSION_STATUS_INTERRUPTED
+    assert after.status == expected
+    stored = await suite.session_service.store.events_after(doc.discussion_id, 0, 1000)
+    assert stored[-1].status_changed.status == expected
+    assert after.results == doc.results  # what was recorded is kept (resuming found nothing left to run)
 
 
 async def test_cancel_stops_a_running_discussion_and_releases_its_agents(make_suite: MakeSuite) -> None:

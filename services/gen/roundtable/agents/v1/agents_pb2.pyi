@@ -27,12 +27,17 @@ class Persona(_message.Message):
     ALIASES_FIELD_NUMBER: _builtins.int
     DESCRIPTION_FIELD_NUMBER: _builtins.int
     MODERATOR_FIELD_NUMBER: _builtins.int
+    BACKEND_FIELD_NUMBER: _builtins.int
+    MODEL_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Canonical name, e.g. 科学家."""
     description: _builtins.str
     """One line on the role, for listings."""
     moderator: _builtins.bool
     """The moderator writes the summary and does not debate."""
+    backend: _builtins.str
+    """The LLM backend and model that answer for this persona (the persona file may name its own)."""
+    model: _builtins.str
     @_builtins.property
     def aliases(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Other accepted names, e.g. scientist."""
@@ -44,10 +49,12 @@ class Persona(_message.Message):
         aliases: _abc.Iterable[_builtins.str] | None = ...,
         description: _builtins.str = ...,
         moderator: _builtins.bool = ...,
+        backend: _builtins.str = ...,
+        model: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["aliases", b"aliases", "description", b"description", "moderator", b"moderator", "name", b"name"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["aliases", b"aliases", "backend", b"backend", "description", b"description", "model", b"model", "moderator", b"moderator", "name", b"name"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -76,9 +83,12 @@ class ListPersonasResponse(_message.Message):
     DEFAULT_ROSTER_FIELD_NUMBER: _builtins.int
     BACKEND_FIELD_NUMBER: _builtins.int
     MODEL_FIELD_NUMBER: _builtins.int
+    NOTICE_FIELD_NUMBER: _builtins.int
     backend: _builtins.str
-    """The LLM backend in use, e.g. "openai", "simulator"."""
+    """The LLM backend in use, e.g. "openai", "local", "simulator"."""
     model: _builtins.str
+    notice: _builtins.str
+    """Set when the text is not a language model's (the simulator), so nobody mistakes it for one."""
     @_builtins.property
     def personas(self) -> _containers.RepeatedCompositeFieldContainer[Global___Persona]: ...
     @_builtins.property
@@ -92,10 +102,11 @@ class ListPersonasResponse(_message.Message):
         default_roster: _abc.Iterable[_builtins.str] | None = ...,
         backend: _builtins.str = ...,
         model: _builtins.str = ...,
+        notice: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "default_roster", b"default_roster", "model", b"model", "personas", b"personas"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "default_roster", b"default_roster", "model", b"model", "notice", b"notice", "personas", b"personas"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

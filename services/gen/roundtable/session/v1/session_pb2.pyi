@@ -160,6 +160,7 @@ class Discussion(_message.Message):
     LAST_SEQUENCE_FIELD_NUMBER: _builtins.int
     TTL_FIELD_NUMBER: _builtins.int
     TOKEN_BUDGET_FIELD_NUMBER: _builtins.int
+    COMPLETED_ROUNDS_FIELD_NUMBER: _builtins.int
     discussion_id: _builtins.str
     topic: _builtins.str
     status: Global___DiscussionStatus.ValueType
@@ -171,6 +172,8 @@ class Discussion(_message.Message):
     """The last event's sequence number."""
     token_budget: _builtins.int
     """The request's token budget; 0 means no limit."""
+    completed_rounds: _builtins.int
+    """Rounds every agent has finished (answered or failed); a resumed discussion continues after them."""
     @_builtins.property
     def personas(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
@@ -216,10 +219,11 @@ class Discussion(_message.Message):
         last_sequence: _builtins.int = ...,
         ttl: _duration_pb2.Duration | None = ...,
         token_budget: _builtins.int = ...,
+        completed_rounds: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "expires_at", b"expires_at", "last_accessed_at", b"last_accessed_at", "ttl", b"ttl", "updated_at", b"updated_at", "usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["completed_agents", b"completed_agents", "created_at", b"created_at", "discussion_id", b"discussion_id", "error", b"error", "expires_at", b"expires_at", "last_accessed_at", b"last_accessed_at", "last_sequence", b"last_sequence", "personas", b"personas", "request_id", b"request_id", "results", b"results", "rounds", b"rounds", "status", b"status", "summary", b"summary", "token_budget", b"token_budget", "topic", b"topic", "ttl", b"ttl", "updated_at", b"updated_at", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["completed_agents", b"completed_agents", "completed_rounds", b"completed_rounds", "created_at", b"created_at", "discussion_id", b"discussion_id", "error", b"error", "expires_at", b"expires_at", "last_accessed_at", b"last_accessed_at", "last_sequence", b"last_sequence", "personas", b"personas", "request_id", b"request_id", "results", b"results", "rounds", b"rounds", "status", b"status", "summary", b"summary", "token_budget", b"token_budget", "topic", b"topic", "ttl", b"ttl", "updated_at", b"updated_at", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,0 +1,95 @@
+"""Admission as a component: leases that lapse, a FIFO queue, per-principal caps, retry estimates."""
+
+from __future__ import annotations
+
+import pytest
+
+from services.session.admission import MemoryAdmission
+from services.shared.errors import ResourceExhausted
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def admission(clock: Clock, capacity: int = 2, max_queued: int = 2, per_principal: int = 10) -> MemoryAdmission:
+    return MemoryAdmission(
+        capacity=capacity, max_queued=max_queued, max_per_principal=per_principal, lease_ttl_seconds=30, clock=clock
+    )
+
+
+async def test_slots_then_queue_then_refusal_naming_the_limit() -> None:
+    gate = admission(Clock())
+    assert [await gate.admit(f"d{i}", "alice") for i in range(4)] == [True, True, False, False]
+    with pytest.raises(ResourceExhausted) as caught:
+        await gate.admit("d4", "alice")
+    assert caught.value.limit == "max_queued_sessions"
+    assert caught.value.retry_after_seconds > 0
+    assert (gate.active(), gate.queued()) == (2, 2)
+
+
+async def test_queued_discussions_are_admitted_in_arrival_order() -> None:
+    gate = admission(Clock(), capacity=1, max_queued=3)
+    for name in ("first", "q1", "q2", "q3"):
+        await gate.admit(name, "alice")
+    assert await gate.release("first", duration_seconds=5) == ["q1"]
+    assert await gate.release("q1") == ["q2"]
+    assert await gate.release("q3") == []  # leaving the queue frees no slot
+    assert await gate.release("q2") == []
+    assert (gate.active(), gate.queued()) == (0, 0)
+
+
+async def test_a_lease_that_is_not_renewed_lapses_and_its_slot_is_reused() -> None:
+    clock = Clock()
+    gate = admission(clock, capacity=1, max_queued=1)
+    assert await gate.admit("crashed-runner", "alice")
+    assert not await gate.admit("waiting", "bob")
+    clock.now += 29
+    assert await gate.renew("crashed-runner") is True  # renewed in time: still held
+    clock.now += 29
+    assert await gate.reap() == []
+    clock.now += 2  # 31 s since the last renewal: the runner is gone
+    assert await gate.reap() == ["waiting"]
+    assert await gate.renew("crashed-runner") is False
+    assert await gate.renew("waiting") is True
+
+
+async def test_a_principal_cannot_hold_more_than_its_share() -> None:
+    gate = admission(Clock(), capacity=10, max_queued=10, per_principal=3)
+    for i in range(3):
+        await gate.admit(f"a{i}", "alice")
+    with pytest.raises(ResourceExhausted) as caught:
+        await gate.admit("a3", "alice")
+    assert caught.value.limit == "max_concurrent_sessions_per_principal"
+    assert caught.value.subject == "principal:alice"
+    assert await gate.admit("b0", "bob")  # others are unaffected
+    await gate.release("a0")
+    assert await gate.admit("a3", "alice")
+
+
+async def test_queued_places_count_towards_the_principal_cap_until_they_leave() -> None:
+    gate = admission(Clock(), capacity=1, max_queued=5, per_principal=2)
+    await gate.admit("running", "alice")
+    await gate.admit("waiting", "alice")
+    with pytest.raises(ResourceExhausted):
+        await gate.admit("third", "alice")
+    await gate.release("waiting")
+    assert not await gate.admit("third", "alice")
+
+
+async def test_retry_estimate_follows_observed_durations_and_the_queue() -> None:
+    gate = admission(Clock(), capacity=2, max_queued=0)
+    await gate.admit("a", "x")
+    await gate.admit("b", "x")
+    for _ in range(30):  # discussions have been taking 4 s
+        await gate.release("a", duration_seconds=4.0)
+        await gate.admit("a", "x")
+    with pytest.raises(ResourceExhausted) as caught:
+        await gate.admit("d", "x")
+    # Two running, each ~4 s long: one frees about every 2 s.
+    assert 1.5 < caught.value.retry_after_seconds < 2.5
+    assert caught.value.limit == "max_concurrent_sessions"
