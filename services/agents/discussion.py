@@ -12,12 +12,15 @@ import openai
 
 from services.agents import prompts
 from services.agents.agent_set import Agent, AgentSet
-from services.agents.llm import ChatMessage, LLMClient
+from services.agents.llm import ChatMessage, LLMCallTimeout, LLMClient
 from services.gen.roundtable.agents.v1 import agents_pb2
 from services.gen.roundtable.common.v1 import discussion_pb2
 from services.shared.logs import session_context
 
 logger = logging.getLogger(__name__)
+
+# Calls end this long before the caller's deadline, so their failure still reaches the caller.
+DEADLINE_MARGIN_SECONDS = 0.5
 
 
 @dataclass(frozen=True)
@@ -44,6 +47,7 @@ class DiscussionRun:
         deadline: float | None,
         start_round: int = 1,
         prior_answers: dict[int, dict[str, str]] | None = None,
+        token_budget: int = 0,
     ) -> None:
         self._set = agent_set
         self._topic = topic
@@ -53,6 +57,8 @@ class DiscussionRun:
         self._llm = llm
         self._limits = limits
         self._deadline = deadline
+        self._token_budget = token_budget
+        self.tokens_spent = 0
         agents = [agent_set.agents[name] for name in persona_names]
         self._debaters = [a for a in agents if not a.persona.moderator]
         self._debater_names = {a.persona.name for a in self._debaters}
@@ -140,6 +146,12 @@ class DiscussionRun:
         """One agent's answer for one round; emits started/delta/completed or failed. None on failure."""
         name = agent.persona.name
         with session_context(self._set.session_id, name):
+            if self._token_budget and self.tokens_spent >= self._token_budget:
+                # No call at all: the budget is a promise about what the provider bills.
+                reason = f"token budget of {self._token_budget} spent ({self.tokens_spent} tokens used)"
+                logger.warning("round %d: %s not run: %s", round_number, name, reason)
+                self._emit(agent_failed=discussion_pb2.AgentFailed(agent=name, round=round_number, reason=reason))
+                return None
             self._emit(
                 agent_started=discussion_pb2.AgentStarted(
                     agent=name, round=round_number, agent_instance_id=agent.instance_id
@@ -155,7 +167,12 @@ class DiscussionRun:
             last_flush = time.monotonic()
             usage = discussion_pb2.TokenUsage()
             try:
-                async for chunk in self._llm.stream_chat(messages, timeout_seconds=self._timeout()):
+                async for chunk in self._llm.stream_chat(
+                    messages,
+                    timeout_seconds=self._limits.llm_timeout_seconds,
+                    deadline=None if self._deadline is None else self._deadline - DEADLINE_MARGIN_SECONDS,
+                    options=agent.persona.call_options,
+                ):
                     if chunk.usage is not None:
                         usage = chunk.usage
                     if not chunk.text:
@@ -178,6 +195,7 @@ class DiscussionRun:
             if pending:
                 self._emit_delta(name, round_number, pending)
             text = "".join(parts).strip()
+            self.tokens_spent += usage.total_tokens
             agent.memory.extend([ChatMessage("user", user_prompt), ChatMessage("assistant", text)])
             if summary:
                 self._emit(summary_completed=discussion_pb2.SummaryCompleted(agent=name, text=text, usage=usage))
@@ -200,17 +218,12 @@ class DiscussionRun:
     def _emit(self, **event: object) -> None:
         self._events.put_nowait(agents_pb2.AgentEvent(**event))  # type: ignore[arg-type]
 
-    def _timeout(self) -> float:
-        """Per-call timeout: the configured one, but never past the caller's deadline."""
-        timeout = self._limits.llm_timeout_seconds
-        if self._deadline is not None:
-            timeout = min(timeout, max(self._deadline - time.monotonic(), 0.001))
-        return timeout
-
 
 def _describe(error: BaseException) -> str:
     if isinstance(error, openai.APIStatusError):
         return f"LLM backend answered HTTP {error.status_code} after retries: {error.message}"
+    if isinstance(error, LLMCallTimeout):
+        return str(error)
     if isinstance(error, openai.APITimeoutError | TimeoutError):
         return "LLM call timed out"
     if isinstance(error, openai.APIConnectionError):

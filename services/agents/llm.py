@@ -1,12 +1,16 @@
-"""LLM calls through the OpenAI-compatible API, with an outbound concurrency cap.
+"""LLM calls through the OpenAI-compatible API, with an outbound concurrency cap and a bounded time per call.
 
-Retries with backoff on 429/5xx (honouring Retry-After) are the `openai`
-client's own, so there is no retry loop here.
+Retries are the `openai` client's own (max_retries): on 408/409/429/5xx and
+connection errors it waits what retry-after-ms or Retry-After says when that is
+between 0 and 120 s (and does not retry past 120 s), else 0.5 s × 2^n capped at
+8 s with up to 25 % jitter. Its `timeout` bounds each attempt and each read,
+not the whole call, so this module bounds the whole call, retries included.
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol, cast
@@ -33,57 +37,127 @@ class ChatChunk:
     usage: discussion_pb2.TokenUsage | None = None
 
 
+@dataclass(frozen=True)
+class CallOptions:
+    """What a persona may choose per call; None takes the backend's model or the service's settings."""
+
+    backend: str | None = None
+    model: str | None = None
+    temperature: float | None = None
+    max_tokens: int | None = None
+
+
+@dataclass(frozen=True)
+class Backend:
+    """An OpenAI-compatible endpoint and the model it answers with unless a persona names another."""
+
+    name: str
+    base_url: str
+    api_key: str
+    model: str
+
+
+# The service's own backend and settings.
+DEFAULT_OPTIONS = CallOptions()
+
+
+class LLMCallTimeout(TimeoutError):
+    """A call, retries included, did not finish within its time (the configured one or the caller's deadline)."""
+
+
 class LLMClient(Protocol):
     """Streams a chat completion."""
 
-    def stream_chat(self, messages: Sequence[ChatMessage], *, timeout_seconds: float) -> AsyncIterator[ChatChunk]:
+    def stream_chat(
+        self,
+        messages: Sequence[ChatMessage],
+        *,
+        timeout_seconds: float,
+        deadline: float | None = None,
+        options: CallOptions = DEFAULT_OPTIONS,
+    ) -> AsyncIterator[ChatChunk]:
         """Yield the answer's text as it arrives, then its usage."""
         ...
 
 
 class OpenAIChatClient:
-    """An OpenAI-compatible chat backend shared by every agent on this replica."""
+    """The OpenAI-compatible backends of this replica: the default one and any the persona file adds."""
 
     def __init__(
         self,
         *,
-        base_url: str,
-        api_key: str,
-        model: str,
+        default: Backend,
+        extra: Sequence[Backend] = (),
         temperature: float,
         max_tokens: int,
         max_retries: int,
         max_concurrent_calls: int,
     ) -> None:
-        self._client = openai.AsyncOpenAI(base_url=base_url, api_key=api_key, max_retries=max_retries)
-        self._model = model
+        self.default = default
+        self.backends = {backend.name: backend for backend in extra}
+        # One connection pool per endpoint; the outbound cap below is shared by all of them.
+        self._clients = {b.name: _client(b, max_retries) for b in extra}
+        self._default_client = _client(default, max_retries)
         self._temperature = temperature
         self._max_tokens = max_tokens
         # Queue rather than fail when the provider's concurrency is spoken for.
         self._slots = asyncio.Semaphore(max_concurrent_calls)
         self.in_flight = 0
 
-    async def stream_chat(self, messages: Sequence[ChatMessage], *, timeout_seconds: float) -> AsyncIterator[ChatChunk]:
-        """Stream one completion; raises openai.APIError subclasses when retries are spent."""
+    def describe(self, options: CallOptions) -> tuple[str, str]:
+        """The backend name and model that answer calls made with these options."""
+        backend = self.backends[options.backend] if options.backend else self.default
+        return backend.name, options.model or backend.model
+
+    async def stream_chat(
+        self,
+        messages: Sequence[ChatMessage],
+        *,
+        timeout_seconds: float,
+        deadline: float | None = None,
+        options: CallOptions = DEFAULT_OPTIONS,
+    ) -> AsyncIterator[ChatChunk]:
+        """Stream one completion; raises openai.APIError when retries are spent, LLMCallTimeout when time is."""
+        client = self._clients[options.backend] if options.backend else self._default_client
+        _, model = self.describe(options)
         async with self._slots:
+            # The time starts once a slot is ours (queueing is not the provider's slowness), but the
+            # caller's deadline (time.monotonic) bounds the queue and the call alike.
+            budget = timeout_seconds if deadline is None else min(timeout_seconds, deadline - time.monotonic())
+            if budget <= 0:
+                raise LLMCallTimeout("the caller's deadline passed before the LLM call could start")
+            expires = asyncio.get_running_loop().time() + budget
             self.in_flight += 1
             try:
-                stream = await self._client.chat.completions.create(
-                    model=self._model,
-                    messages=[
-                        cast(ChatCompletionMessageParam, {"role": m.role, "content": m.content}) for m in messages
-                    ],
-                    temperature=self._temperature,
-                    max_tokens=self._max_tokens,
-                    stream=True,
-                    stream_options={"include_usage": True},
-                    timeout=timeout_seconds,
-                )
+                # Each await is bounded on its own: a timeout scope must never span a yield.
+                async with asyncio.timeout_at(expires):
+                    stream = await client.chat.completions.create(
+                        model=model,
+                        messages=[
+                            cast(ChatCompletionMessageParam, {"role": m.role, "content": m.content}) for m in messages
+                        ],
+                        temperature=self._temperature if options.temperature is None else options.temperature,
+                        max_tokens=options.max_tokens or self._max_tokens,
+                        stream=True,
+                        stream_options={"include_usage": True},
+                        # httpx applies this per read, so it bounds a silent server, not the whole call.
+                        timeout=budget,
+                    )
+                pieces = 0
+                usage_sent = False
                 async with stream:
-                    async for chunk in stream:
+                    chunks = aiter(stream)
+                    while True:
+                        async with asyncio.timeout_at(expires):
+                            try:
+                                chunk = await anext(chunks)
+                            except StopAsyncIteration:
+                                break
                         if chunk.choices and chunk.choices[0].delta.content:
+                            pieces += 1
                             yield ChatChunk(text=chunk.choices[0].delta.content)
                         if chunk.usage is not None:
+                            usage_sent = True
                             yield ChatChunk(
                                 usage=discussion_pb2.TokenUsage(
                                     prompt_tokens=chunk.usage.prompt_tokens,
@@ -91,9 +165,27 @@ class OpenAIChatClient:
                                     total_tokens=chunk.usage.total_tokens,
                                 )
                             )
+                if not usage_sent:
+                    yield ChatChunk(usage=_estimated_usage(messages, pieces))
+            except (TimeoutError, openai.APITimeoutError) as error:
+                raise LLMCallTimeout(f"LLM call timed out after {budget:.1f} s") from error
             finally:
                 self.in_flight -= 1
 
     async def close(self) -> None:
-        """Close the HTTP connection pool."""
-        await self._client.close()
+        """Close every HTTP connection pool."""
+        await self._default_client.close()
+        for client in self._clients.values():
+            await client.close()
+
+
+def _client(backend: Backend, max_retries: int) -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(base_url=backend.base_url, api_key=backend.api_key, max_retries=max_retries)
+
+
+def _estimated_usage(messages: Sequence[ChatMessage], pieces: int) -> discussion_pb2.TokenUsage:
+    """Usage for a server that streams none (llama.cpp's): one token a streamed piece, 4 prompt characters a token."""
+    prompt_tokens = sum(len(m.content) for m in messages) // 4 + 1
+    return discussion_pb2.TokenUsage(
+        prompt_tokens=prompt_tokens, completion_tokens=pieces, total_tokens=prompt_tokens + pieces
+    )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 
 import grpc
@@ -9,12 +10,14 @@ from prometheus_client import Gauge
 
 from services.agents.agent_set import AgentSetRegistry
 from services.agents.discussion import StreamingLimits
-from services.agents.llm import OpenAIChatClient
+from services.agents.llm import Backend, OpenAIChatClient
 from services.agents.personas import PersonaRegistry
-from services.agents.servicer import AgentServicer
+from services.agents.servicer import SIMULATOR_NOTICE, AgentServicer
 from services.agents.settings import AgentsSettings
 from services.gen.roundtable.agents.v1 import agents_pb2_grpc
 from services.shared.reporter import InstanceLoad
+
+logger = logging.getLogger(__name__)
 
 LIVE_AGENT_SETS = Gauge("roundtable_agent_sets_live", "Agent sets alive on this agent replica.")
 
@@ -30,9 +33,16 @@ class AgentsService:
         self.personas = PersonaRegistry.load(settings.personas_file)
         self.registry = AgentSetRegistry(settings.max_agent_sets)
         self.llm = llm or OpenAIChatClient(
-            base_url=settings.llm_base_url,
-            api_key=settings.llm_api_key,
-            model=settings.llm_model,
+            default=Backend(
+                name=settings.llm_backend,
+                base_url=settings.llm_base_url,
+                api_key=settings.llm_api_key,
+                model=settings.llm_model,
+            ),
+            extra=[
+                Backend(name=b.name, base_url=b.base_url, api_key=b.api_key or settings.llm_api_key, model=b.model)
+                for b in self.personas.backends.values()
+            ],
             temperature=settings.llm_temperature,
             max_tokens=settings.llm_max_tokens,
             max_retries=settings.llm_max_retries,
@@ -48,8 +58,7 @@ class AgentsService:
                 llm_timeout_seconds=settings.llm_timeout_seconds,
             ),
             release_grace_seconds=settings.release_grace_seconds,
-            backend=settings.llm_backend,
-            model=settings.llm_model,
+            describe=self.llm.describe,
         )
         LIVE_AGENT_SETS.set_function(lambda: len(self.registry))
 
@@ -58,7 +67,16 @@ class AgentsService:
         agents_pb2_grpc.add_AgentServiceServicer_to_server(self.servicer, server)
 
     async def start(self) -> None:
-        """Nothing runs in the background."""
+        """Say loudly which backend answers, so nobody mistakes simulated text for a model's."""
+        if self.settings.llm_backend == "simulator":
+            logger.warning("%s (%s)", SIMULATOR_NOTICE, self.settings.llm_base_url)
+        else:
+            logger.info(
+                "LLM backend: %s, model %s at %s",
+                self.settings.llm_backend,
+                self.settings.llm_model,
+                self.settings.llm_base_url,
+            )
 
     async def drain(self, grace_seconds: float) -> None:
         """In-flight RunDiscussion streams finish within the server's grace period."""

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import grpc
 
 from services.agents.agent_set import AgentSetRegistry
 from services.agents.discussion import DiscussionRun, StreamingLimits
-from services.agents.llm import LLMClient
+from services.agents.llm import CallOptions, LLMClient
 from services.agents.personas import PersonaRegistry
 from services.gen.roundtable.agents.v1 import agents_pb2, agents_pb2_grpc
 from services.shared.errors import FailedPrecondition, InvalidArgument
@@ -19,6 +19,7 @@ logger = logging.getLogger(__name__)
 
 MAX_ROUNDS = 10
 MAX_TOPIC_CHARS = 4000
+SIMULATOR_NOTICE = "LLM backend is the built-in SIMULATOR: answers are synthetic filler, not a language model's text"
 
 
 class AgentServicer(agents_pb2_grpc.AgentServiceServicer):
@@ -32,29 +33,40 @@ class AgentServicer(agents_pb2_grpc.AgentServiceServicer):
         llm: LLMClient,
         limits: StreamingLimits,
         release_grace_seconds: float,
-        backend: str,
-        model: str,
+        describe: Callable[[CallOptions], tuple[str, str]],
     ) -> None:
         self._personas = personas
         self._registry = registry
         self._llm = llm
         self._limits = limits
         self._release_grace_seconds = release_grace_seconds
-        self._backend = backend
-        self._model = model
+        self._describe = describe
 
     async def ListPersonas(
         self, request: agents_pb2.ListPersonasRequest, context: grpc.aio.ServicerContext
     ) -> agents_pb2.ListPersonasResponse:
-        """The personas, the default roster and the backend answering for them."""
+        """The personas, the default roster and the backend and model answering for each."""
+        personas = []
+        for p in self._personas.personas.values():
+            backend, model = self._describe(p.call_options)
+            personas.append(
+                agents_pb2.Persona(
+                    name=p.name,
+                    aliases=p.aliases,
+                    description=p.description,
+                    moderator=p.moderator,
+                    backend=backend,
+                    model=model,
+                )
+            )
+        backend, model = self._describe(CallOptions())
+        simulated = backend == "simulator" or any(p.backend == "simulator" for p in personas)
         return agents_pb2.ListPersonasResponse(
-            personas=[
-                agents_pb2.Persona(name=p.name, aliases=p.aliases, description=p.description, moderator=p.moderator)
-                for p in self._personas.personas.values()
-            ],
+            personas=personas,
             default_roster=self._personas.default_roster,
-            backend=self._backend,
-            model=self._model,
+            backend=backend,
+            model=model,
+            notice=SIMULATOR_NOTICE if simulated else "",
         )
 
     async def RunDiscussion(
@@ -75,6 +87,8 @@ class AgentServicer(agents_pb2_grpc.AgentServiceServicer):
             personas.append(persona)
         if not any(not p.moderator for p in personas):
             raise InvalidArgument("at least one persona other than the moderator is needed", "personas")
+        if request.token_budget < 0:
+            raise InvalidArgument("token_budget must be 0 (no limit) or positive", "token_budget")
         if not 0 <= request.start_round <= request.rounds + 1:
             raise InvalidArgument(f"start_round must be between 0 and rounds + 1 ({request.rounds + 1})", "start_round")
         prior: dict[int, dict[str, str]] = {}
@@ -98,6 +112,7 @@ class AgentServicer(agents_pb2_grpc.AgentServiceServicer):
             deadline=None if remaining is None else time.monotonic() + remaining,
             start_round=request.start_round,
             prior_answers=prior,
+            token_budget=request.token_budget,
         )
         try:
             async for event in run.events():

@@ -11,7 +11,13 @@ import signal
 import sys
 from dataclasses import dataclass
 
+from services.agents import local_model
+
 READY_TIMEOUT_SECONDS = 60.0
+# Longest answer of one agent unless --max-tokens says otherwise. A 135M model on a couple of cores:
+# long enough to say something, short enough to watch live. Simulated filler: short enough to read.
+LOCAL_MAX_TOKENS = 128
+SIMULATOR_MAX_TOKENS = 60
 PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 
 
@@ -36,6 +42,7 @@ class Addresses:
     monitor: str
     simulator_port: int
     metrics_ports: tuple[int, int, int]
+    local_model_port: int = 50061
 
 
 async def _start(name: str, args: list[str], env: dict[str, str], log_dir: pathlib.Path) -> Child:
@@ -70,6 +77,37 @@ async def _start(name: str, args: list[str], env: dict[str, str], log_dir: pathl
     return child
 
 
+async def _start_local_model(port: int, log_dir: pathlib.Path) -> tuple[Child | None, str]:
+    """The local model server, once it answered one token; else None and why not."""
+    reason = local_model.missing()
+    if reason is not None:
+        return None, reason
+    print(f"starting the local model {local_model.MODEL_NAME} on 127.0.0.1:{port}…", flush=True)
+    try:
+        server = await local_model.start_server(log_dir / "local-model.log", port=port, preexec_fn=_die_with_parent)
+    except local_model.LocalModelError as error:
+        return None, str(error)
+    try:
+        seconds = await local_model.one_token_check(server.base_url)
+    except local_model.LocalModelError as error:
+        await server.stop()
+        return None, str(error)
+    print(f"local model answered the one-token check in {seconds:.2f} s", flush=True)
+    return Child(name="local-model", process=server.process, log_path=server.log_path, address=server.base_url), ""
+
+
+def _announce_fallback(reason: str) -> None:
+    """Nobody may mistake simulated text for a model's: say it where it cannot be missed."""
+    bar = "!" * 78
+    print(
+        f"{bar}\n!! NO LOCAL MODEL: {reason}\n"
+        "!! Falling back to the built-in LLM SIMULATOR: its answers are synthetic filler, not a model's text.\n"
+        f"{bar}",
+        file=sys.stderr,
+        flush=True,
+    )
+
+
 def _die_with_parent() -> None:
     """In the child, before exec: get SIGTERM if `roundtable up` dies, so no service is orphaned."""
     if sys.platform == "linux":
@@ -83,21 +121,49 @@ async def _drain(stream: asyncio.StreamReader) -> None:
 
 
 async def start_suite(
-    addresses: Addresses, llm: str, store: str, extra_env: dict[str, str], log_dir: pathlib.Path
+    addresses: Addresses,
+    llm: str,
+    store: str,
+    extra_env: dict[str, str],
+    log_dir: pathlib.Path,
+    max_tokens: int | None = None,
 ) -> list[Child]:
-    """Start simulator (when chosen), monitor, agents, session; stop what started if one fails."""
+    """Start the LLM backend (local model or simulator, when chosen), monitor, agents, session.
+
+    `auto` runs the local model when it is installed and answers a one-token check, and
+    otherwise falls back to the simulator, saying so loudly. Whatever started is stopped if
+    a later service fails.
+    """
     env = {**os.environ, **extra_env}
     log_dir.mkdir(parents=True, exist_ok=True)  # noqa: ASYNC240 - once, before any service runs
     children: list[Child] = []
     try:
         llm_env: list[str] = []
+        if llm in ("auto", "local"):
+            local, reason = await _start_local_model(addresses.local_model_port, log_dir)
+            if local is not None:
+                children.append(local)
+                llm_env = [
+                    "--llm-backend", "local",
+                    "--llm-base-url", local.address,
+                    "--llm-model", local_model.MODEL_NAME,
+                    "--llm-max-tokens", str(max_tokens or LOCAL_MAX_TOKENS),
+                ]  # fmt: skip
+            elif llm == "local":
+                raise RuntimeError(reason)
+            else:
+                _announce_fallback(reason)
+                llm = "sim"
         if llm == "sim":
             sim = await _start(
                 "simulator", ["services.simulator", "--port", str(addresses.simulator_port)], env, log_dir
             )
             children.append(sim)
-            # Simulated answers are filler words: keep them short enough to read.
-            llm_env = ["--llm-base-url", sim.address, "--llm-backend", "simulator", "--llm-max-tokens", "60"]
+            llm_env = [
+                "--llm-base-url", sim.address,
+                "--llm-backend", "simulator",
+                "--llm-max-tokens", str(max_tokens or SIMULATOR_MAX_TOKENS),
+            ]  # fmt: skip
         monitor = await _start(
             "monitor",
             ["services.monitor", "--port", _port(addresses.monitor), "--metrics-port", str(addresses.metrics_ports[2])],

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import pathlib
 import signal
 import sys
@@ -13,91 +12,13 @@ from typing import Any
 
 import grpc
 
+from services.agents import local_model
+from services.cli import logs
+from services.cli.client import DEFAULT_ADDRESS, Connection, cancel, discuss, env, list_discussions, status
 from services.cli.launcher import Addresses, start_suite, stop_suite
-from services.cli.render import StreamRenderer
-from services.gen.roundtable.session.v1 import session_pb2, session_pb2_grpc
 from services.shared.errors import retry_delay_seconds
 
-DEFAULT_ADDRESS = os.environ.get("ROUNDTABLE_ADDRESS", "127.0.0.1:50051")
 DEMO_TOPIC = "人工智能会让大多数工作消失吗？ (Will AI make most jobs disappear?)"
-
-
-def _session_metadata(discussion_id: str) -> tuple[tuple[str, str], ...]:
-    # A load balancer hashes on this to keep a discussion on one replica.
-    return (("x-session-id", discussion_id),)
-
-
-async def discuss(address: str, topic: str, personas: list[str], rounds: int, request_id: str) -> int:
-    """Create a discussion and render its live stream; 0 when it completes."""
-    async with grpc.aio.insecure_channel(address) as channel:
-        stub = session_pb2_grpc.SessionServiceStub(channel)
-        created = await stub.CreateDiscussion(
-            session_pb2.CreateDiscussionRequest(topic=topic, personas=personas, rounds=rounds, request_id=request_id),
-            timeout=30,
-        )
-        print(f"discussion {created.discussion_id}: {', '.join(created.personas)} · {created.rounds} round(s)")
-        print(f"topic: {created.topic}\n", flush=True)
-        renderer = StreamRenderer(sys.stdout)
-        stream = stub.StreamDiscussion(
-            session_pb2.StreamDiscussionRequest(discussion_id=created.discussion_id),
-            metadata=_session_metadata(created.discussion_id),
-        )
-        async for event in stream:
-            renderer.event(event)
-        final = await stub.GetDiscussion(
-            session_pb2.GetDiscussionRequest(discussion_id=created.discussion_id),
-            metadata=_session_metadata(created.discussion_id),
-            timeout=10,
-        )
-        print(f"\ntokens used: {final.usage.total_tokens}; see it again with: roundtable status {final.discussion_id}")
-        return 0 if final.status == session_pb2.DISCUSSION_STATUS_COMPLETED else 1
-
-
-async def status(address: str, discussion_id: str) -> int:
-    """Print one discussion's document."""
-    async with grpc.aio.insecure_channel(address) as channel:
-        doc = await session_pb2_grpc.SessionServiceStub(channel).GetDiscussion(
-            session_pb2.GetDiscussionRequest(discussion_id=discussion_id),
-            metadata=_session_metadata(discussion_id),
-            timeout=10,
-        )
-    print(f"{doc.discussion_id}  {_status_name(doc.status)}  rounds={doc.rounds}  tokens={doc.usage.total_tokens}")
-    print(f"topic: {doc.topic}")
-    if doc.error:
-        print(f"error: {doc.error}")
-    for result in sorted(doc.results, key=lambda r: (r.round, r.agent)):
-        print(f"\n[round {result.round}] {result.agent}: {result.text or result.error}")
-    return 0
-
-
-async def list_discussions(address: str, status_filter: str) -> int:
-    """Print the caller's discussions, newest first."""
-    wanted = session_pb2.DiscussionStatus.Value(f"DISCUSSION_STATUS_{(status_filter or 'unspecified').upper()}")
-    async with grpc.aio.insecure_channel(address) as channel:
-        stub = session_pb2_grpc.SessionServiceStub(channel)
-        token = ""
-        while True:
-            page = await stub.ListDiscussions(
-                session_pb2.ListDiscussionsRequest(page_size=100, page_token=token, status=wanted), timeout=10
-            )
-            for doc in page.discussions:
-                created = doc.created_at.ToDatetime().strftime("%Y-%m-%d %H:%M:%S")
-                print(f"{doc.discussion_id}  {created}  {_status_name(doc.status):<11}  {doc.topic[:60]}")
-            token = page.next_page_token
-            if not token:
-                return 0
-
-
-async def cancel(address: str, discussion_id: str) -> int:
-    """Cancel a running discussion."""
-    async with grpc.aio.insecure_channel(address) as channel:
-        doc = await session_pb2_grpc.SessionServiceStub(channel).CancelDiscussion(
-            session_pb2.CancelDiscussionRequest(discussion_id=discussion_id),
-            metadata=_session_metadata(discussion_id),
-            timeout=10,
-        )
-    print(f"{doc.discussion_id}  {_status_name(doc.status)}")
-    return 0
 
 
 async def up(args: argparse.Namespace) -> int:
@@ -111,25 +32,35 @@ async def up(args: argparse.Namespace) -> int:
         monitor=f"127.0.0.1:{args.monitor_port}",
         simulator_port=args.simulator_port,
         metrics_ports=(metrics[0], metrics[1], metrics[2]),
+        local_model_port=args.local_model_port,
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
     log_dir = pathlib.Path(args.log_dir)
-    children = await start_suite(addresses, args.llm, args.store, {}, log_dir)
+    try:
+        children = await start_suite(addresses, args.llm, args.store, {}, log_dir, args.max_tokens)
+    except RuntimeError as error:  # a service or the local model could not start; what started is stopped
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     try:
         print("\nRoundtable is up:")
         for child in children:
             metrics_note = f"  (metrics: http://127.0.0.1:{child.metrics_port}/metrics)" if child.metrics_port else ""
             print(f"  {child.name:<10} {child.address}{metrics_note}")
         print(f"  service logs in {log_dir}/ (e.g. tail -f {children[-1].log_path})")
-        if args.llm == "sim":
+        names = {child.name for child in children}
+        if "local-model" in names:
+            print(f"  LLM backend: the local model {local_model.MODEL_NAME} (llama-cpp-python, on this machine)")
+        elif "simulator" in names:
             print("  LLM backend: the built-in SIMULATOR — answers are synthetic, not written by a model.")
+        else:
+            print("  LLM backend: the OpenAI-compatible provider set by ROUNDTABLE_AGENTS_LLM_*")
         print(flush=True)
         code = 0
         if args.demo:
-            code = await discuss(children[-1].address, args.demo, [], args.rounds, "")
+            code = await discuss(Connection(address=children[-1].address), args.demo, [], args.rounds, "")
             print("\nThe suite keeps running: try `roundtable list` in another terminal. Ctrl-C stops it.")
         if args.exit_after_demo:
             return code
@@ -140,25 +71,39 @@ async def up(args: argparse.Namespace) -> int:
         await stop_suite(children)
 
 
-def _status_name(status: int) -> str:
-    return session_pb2.DiscussionStatus.Name(status).removeprefix("DISCUSSION_STATUS_")  # type: ignore[arg-type]
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The command line."""
     parser = argparse.ArgumentParser(prog="roundtable", description=__doc__)
-    parser.add_argument("--address", default=DEFAULT_ADDRESS, help="session service host:port (ROUNDTABLE_ADDRESS)")
+    parser.add_argument(
+        "--address", default=env("ADDRESS", DEFAULT_ADDRESS), help="session service host:port (ROUNDTABLE_ADDRESS)"
+    )
+    parser.add_argument(
+        "--api-key", default=env("API_KEY"), help="sent as 'authorization: Bearer' (ROUNDTABLE_API_KEY)"
+    )
+    parser.add_argument(
+        "--tls-ca-file", default=env("TLS_CA_FILE"), help="trust roots: talk TLS (ROUNDTABLE_TLS_CA_FILE)"
+    )
+    parser.add_argument("--tls-client-cert-file", default=env("TLS_CLIENT_CERT_FILE"), help="client certificate (mTLS)")
+    parser.add_argument("--tls-client-key-file", default=env("TLS_CLIENT_KEY_FILE"), help="its private key")
     commands = parser.add_subparsers(dest="command", required=True)
 
     start = commands.add_parser("up", help="start every service on loopback in the foreground")
     start.add_argument(
-        "--llm", choices=["sim", "openai"], default="sim", help="LLM backend (openai: set ROUNDTABLE_AGENTS_LLM_*)"
+        "--llm",
+        choices=["auto", "local", "sim", "openai"],
+        default="auto",
+        help="LLM backend: auto = the local model if installed and answering, else the simulator; "
+        "openai: set ROUNDTABLE_AGENTS_LLM_*",
     )
     start.add_argument("--store", choices=["sqlite", "memory"], default="sqlite")
+    start.add_argument(
+        "--max-tokens", type=int, help="longest answer of one agent (default: 128 on the local model, 60 simulated)"
+    )
     start.add_argument("--session-port", type=int, default=50051)
     start.add_argument("--agents-port", type=int, default=50052)
     start.add_argument("--monitor-port", type=int, default=50053)
     start.add_argument("--simulator-port", type=int, default=50060)
+    start.add_argument("--local-model-port", type=int, default=50061)
     start.add_argument("--metrics-ports", default="9101,9102,9103", help="session,agents,monitor")
     start.add_argument("--demo", metavar="TOPIC", nargs="?", const=DEMO_TOPIC, help="run a discussion once up")
     start.add_argument("--rounds", type=int, default=2, help="rounds of the demo discussion")
@@ -177,18 +122,24 @@ def build_parser() -> argparse.ArgumentParser:
     listing.add_argument("--status", default="", help="e.g. running, completed")
     stop = commands.add_parser("cancel", help="cancel a running discussion")
     stop.add_argument("discussion_id")
+    logs.add_parser(commands)
     return parser
 
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the `roundtable` console script."""
     args = build_parser().parse_args(argv)
+    if args.command == "logs":
+        raise SystemExit(logs.run(args))
+    conn = Connection.from_args(
+        args.address, args.tls_ca_file, args.tls_client_cert_file, args.tls_client_key_file, args.api_key
+    )
     commands: dict[str, Callable[[], Coroutine[Any, Any, int]]] = {
         "up": lambda: up(args),
-        "discuss": lambda: discuss(args.address, args.topic, args.personas, args.rounds, args.request_id),
-        "status": lambda: status(args.address, args.discussion_id),
-        "list": lambda: list_discussions(args.address, args.status),
-        "cancel": lambda: cancel(args.address, args.discussion_id),
+        "discuss": lambda: discuss(conn, args.topic, args.personas, args.rounds, args.request_id),
+        "status": lambda: status(conn, args.discussion_id),
+        "list": lambda: list_discussions(conn, args.status),
+        "cancel": lambda: cancel(conn, args.discussion_id),
     }
     try:
         code = asyncio.run(commands[args.command]())

@@ -33,6 +33,10 @@ class Admission(Protocol):
         """Lease a slot even past the caps (a discussion resumed after a restart was admitted before)."""
         ...
 
+    async def adopt(self, discussion_id: str, principal: str) -> bool:
+        """Take over a discussion whose lease lapsed (its runner died): True for exactly one caller, past the caps."""
+        ...
+
     async def renew(self, discussion_id: str) -> bool:
         """Extend a lease; False if it had already lapsed (the slot may have gone to another)."""
         ...
@@ -114,6 +118,14 @@ class MemoryAdmission:
         """Lease past the caps."""
         if discussion_id not in self._leases:
             self._lease(discussion_id, principal)
+
+    async def adopt(self, discussion_id: str, principal: str) -> bool:
+        """Lease past the caps unless a live lease is held (one replica: only a restart adopts)."""
+        self._expire_lapsed()
+        if discussion_id in self._leases:
+            return False
+        self._lease(discussion_id, principal)
+        return True
 
     async def renew(self, discussion_id: str) -> bool:
         """Extend the lease by a ttl from now."""

@@ -6,14 +6,13 @@ import asyncio
 import logging
 import time
 
-from prometheus_client import Counter
-
+from services.session.metrics import DISCUSSIONS_EXPIRED
 from services.session.runner import DiscussionRunner
 from services.session.store import Store
+from services.shared.session_logs import remove_session_log
 
 logger = logging.getLogger(__name__)
 
-EXPIRED = Counter("roundtable_discussions_expired_total", "Discussions removed because they expired.")
 SWEEP_BATCH = 500
 
 
@@ -47,9 +46,10 @@ class ExpirySweeper:
             for discussion_id in due:
                 if await self._store.delete(discussion_id):
                     removed += 1
-                    EXPIRED.inc()
+                    DISCUSSIONS_EXPIRED.inc()
                     logger.info("discussion %s expired and was removed", discussion_id)
                 await self._runner.release_agents(discussion_id)
+                remove_session_log(discussion_id)
             if len(expired) < SWEEP_BATCH or not due:
                 return removed
 

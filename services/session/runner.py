@@ -17,23 +17,18 @@ from typing import TypeAlias
 
 import grpc
 from google.protobuf import timestamp_pb2
-from prometheus_client import Counter, Gauge
 
 from services.gen.roundtable.agents.v1 import agents_pb2, agents_pb2_grpc
 from services.gen.roundtable.session.v1 import session_pb2
 from services.session.admission import Admission
 from services.session.document import apply_event, cancel_running_results, failure_reasons, prior_answers
+from services.session.metrics import DISCUSSIONS_ACTIVE, DISCUSSIONS_FINISHED, DISCUSSIONS_QUEUED
 from services.session.notifier import EventNotifier
 from services.session.store import TERMINAL_STATUSES, Store
 from services.shared.logs import session_context
 
 logger = logging.getLogger(__name__)
 
-DISCUSSIONS_FINISHED = Counter(
-    "roundtable_discussions_finished_total", "Discussions that reached a terminal status.", ["status"]
-)
-DISCUSSIONS_ACTIVE = Gauge("roundtable_discussions_active", "Discussions running on this session replica.")
-DISCUSSIONS_QUEUED = Gauge("roundtable_discussions_queued", "Discussions waiting for a slot on this replica.")
 
 Status: TypeAlias = session_pb2.DiscussionStatus.ValueType
 
@@ -83,6 +78,8 @@ class DiscussionRunner:
         self._max_events = max_events_per_discussion
         self.active: dict[str, LiveDiscussion] = {}
         self.queued: dict[str, LiveDiscussion] = {}
+        # Given a slot by admission before their creator handed them over (see submit()).
+        self._promoted_early: set[str] = set()
         self._heartbeat: asyncio.Task[None] | None = None
         DISCUSSIONS_ACTIVE.set_function(lambda: len(self.active))
         DISCUSSIONS_QUEUED.set_function(lambda: len(self.queued))
@@ -105,6 +102,10 @@ class DiscussionRunner:
         """Start an admitted, stored discussion now, or hold a queued one until admission promotes it."""
         live = LiveDiscussion(doc=doc, owner=owner)
         self._notifier.open(doc.discussion_id, doc.last_sequence)
+        # Admission may have promoted it from the queue while its creator was still storing it.
+        if doc.discussion_id in self._promoted_early:
+            self._promoted_early.discard(doc.discussion_id)
+            admitted = True
         if admitted:
             self._start(live)
             return
@@ -126,6 +127,12 @@ class DiscussionRunner:
             live = self.queued.pop(discussion_id, None)
             if live is not None:
                 self._start(live)
+            else:
+                self._promoted_early.add(discussion_id)
+
+    def forget_promotion(self, discussion_id: str) -> None:
+        """A discussion admission promoted will never be submitted (its creation failed or was a replay)."""
+        self._promoted_early.discard(discussion_id)
 
     async def stop(self, discussion_id: str, status: Status, reason: str) -> bool:
         """End a running or queued discussion with this status (SUSPEND: leave it to be resumed)."""

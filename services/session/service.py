@@ -9,14 +9,20 @@ import grpc
 
 from services.gen.roundtable.agents.v1 import agents_pb2_grpc
 from services.gen.roundtable.session.v1 import session_pb2, session_pb2_grpc
-from services.session.admission import MemoryAdmission
+from services.session.admission import Admission, MemoryAdmission
 from services.session.auth import Authenticator, load_keys
+from services.session.document import apply_event
 from services.session.expiry import ExpirySweeper
 from services.session.memory_store import MemoryStore
 from services.session.memory_watch import MemoryWatch
+from services.session.metrics import DISCUSSION_CAPACITY
 from services.session.notifier import EventNotifier
 from services.session.personas import PersonaCatalog
 from services.session.rate_limit import NoRateLimit, RateLimiter, WindowRateLimiter
+from services.session.redis_admission import RedisAdmission
+from services.session.redis_connection import connect as connect_redis
+from services.session.redis_rate_limit import RedisRateLimiter
+from services.session.redis_store import RedisStore
 from services.session.runner import SUSPEND, DiscussionRunner
 from services.session.servicer import SessionServicer
 from services.session.settings import SessionSettings
@@ -39,20 +45,44 @@ class SessionService:
 
     def __init__(self, settings: SessionSettings) -> None:
         self.settings = settings
-        self.admission = MemoryAdmission(
-            capacity=settings.max_concurrent_sessions,
-            max_queued=settings.max_queued_sessions,
-            max_per_principal=settings.max_concurrent_sessions_per_principal,
-            lease_ttl_seconds=settings.lease_ttl_seconds,
+        # One connection pool for the store, admission and rate limits; no I/O until start().
+        self.redis = (
+            connect_redis(settings.redis_url, timeout_seconds=settings.redis_timeout_seconds)
+            if settings.store == "redis"
+            else None
         )
+        self.admission: Admission
+        if self.redis is not None:
+            # Shared by every replica: max_concurrent_sessions is then a fleet-wide cap.
+            self.admission = RedisAdmission(
+                self.redis,
+                capacity=settings.max_concurrent_sessions,
+                max_queued=settings.max_queued_sessions,
+                max_per_principal=settings.max_concurrent_sessions_per_principal,
+                lease_ttl_seconds=settings.lease_ttl_seconds,
+                replica_id=settings.instance_id,
+                key_prefix=settings.redis_key_prefix,
+            )
+        else:
+            self.admission = MemoryAdmission(
+                capacity=settings.max_concurrent_sessions,
+                max_queued=settings.max_queued_sessions,
+                max_per_principal=settings.max_concurrent_sessions_per_principal,
+                lease_ttl_seconds=settings.lease_ttl_seconds,
+            )
+        DISCUSSION_CAPACITY.set(settings.max_concurrent_sessions)
         self.notifier = EventNotifier()
         self.store: Store = MemoryStore()
         self.authenticator = Authenticator(
             load_keys(settings.api_keys_file) if settings.api_keys_file else {}, settings.allow_anonymous
         )
-        self.rate_limiter: RateLimiter = (
-            WindowRateLimiter(settings.rate_limit_per_minute) if settings.enable_rate_limiting else NoRateLimit()
-        )
+        self.rate_limiter: RateLimiter = NoRateLimit()
+        if settings.enable_rate_limiting:
+            self.rate_limiter = (
+                RedisRateLimiter(self.redis, settings.rate_limit_per_minute, key_prefix=settings.redis_key_prefix)
+                if self.redis is not None
+                else WindowRateLimiter(settings.rate_limit_per_minute)
+            )
         self.memory_watch = (
             MemoryWatch(
                 limit_rss_bytes=settings.memory_limit_rss_mb * 2**20,
@@ -70,6 +100,9 @@ class SessionService:
         """Open the store, connect to the agent service, take up leftovers, start the background loops."""
         if self.settings.store == "sqlite":
             self.store = await SqliteStore.open(self.settings.sqlite_path)
+        elif self.redis is not None:
+            # Fails start-up with RedisUnavailable (naming the cause) if Redis does not answer.
+            self.store = await RedisStore.open(self.redis, key_prefix=self.settings.redis_key_prefix)
         self._channel = create_channel(
             self.settings.agents_address,
             self.settings,
@@ -118,17 +151,28 @@ class SessionService:
         leftovers = sorted(await self.store.unfinished(), key=lambda d: d.created_at.ToNanoseconds())
         for doc in leftovers:
             owner = await self.store.owner(doc.discussion_id) or ""
+            # With a shared store another replica may still be running it: take only what nobody holds.
+            if not await self.admission.adopt(doc.discussion_id, owner):
+                continue
+            await self._catch_up(doc)
             if doc.status == session_pb2.DISCUSSION_STATUS_QUEUED:
+                runner.start_promoted(await self.admission.release(doc.discussion_id))
                 admitted = await self.admission.admit(doc.discussion_id, owner)
                 await runner.submit(doc, owner, admitted)
             elif self.settings.resume_interrupted:
-                # It held a slot before the stop: it gets one back whatever the caps say now.
-                await self.admission.admit_unchecked(doc.discussion_id, owner)
+                # It held a slot before the stop: adopt() gave it one back whatever the caps say now.
                 await runner.submit(doc, owner, admitted=True)
                 logger.warning("resuming discussion %s after round %d", doc.discussion_id, doc.completed_rounds)
             else:
                 await runner.settle(doc, session_pb2.DISCUSSION_STATUS_INTERRUPTED, STOP_REASON)
+                await self.admission.release(doc.discussion_id)
                 logger.warning("discussion %s was cut short by a stop: INTERRUPTED", doc.discussion_id)
+
+    async def _catch_up(self, doc: session_pb2.Discussion) -> None:
+        """Fold in events recorded after the document was last saved (text deltas, or a save cut off)."""
+        while events := await self.store.events_after(doc.discussion_id, doc.last_sequence, 1000):
+            for event in events:
+                apply_event(doc, event)
 
     async def drain(self, grace_seconds: float) -> None:
         """Refuse new discussions, give running ones the grace period, then suspend or interrupt the rest."""

@@ -14,17 +14,21 @@ from services.session import validation
 from services.session.admission import Admission
 from services.session.auth import Authenticator
 from services.session.memory_watch import MemoryWatch
+from services.session.metrics import ADMISSIONS_REJECTED, DISCUSSIONS_CREATED, STREAM_SUBSCRIBERS
 from services.session.notifier import EventNotifier
 from services.session.personas import PersonaCatalog
 from services.session.rate_limit import RateLimiter
 from services.session.runner import DiscussionRunner, is_terminal, now_timestamp
 from services.session.settings import SessionSettings
-from services.session.store import InvalidPageToken, Store
+from services.session.store import InvalidPageToken, Store, created_nanos, encode_page_token
 from services.shared.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, Unavailable
+from services.shared.session_logs import remove_session_log
 
 logger = logging.getLogger(__name__)
 
 EVENTS_PER_READ = 256
+# Room left in a response for framing and the page token.
+RESPONSE_MARGIN_BYTES = 4096
 # A reader re-checks the store this often even without a wake-up (belt and braces).
 STREAM_POLL_SECONDS = 2.0
 
@@ -60,6 +64,15 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
         self, request: session_pb2.CreateDiscussionRequest, context: grpc.aio.ServicerContext
     ) -> session_pb2.Discussion:
         """Authenticate, validate, admit (or queue), store, then start the discussion."""
+        try:
+            return await self._create(request, context)
+        except ResourceExhausted as refused:
+            ADMISSIONS_REJECTED.labels(refused.limit).inc()
+            raise
+
+    async def _create(
+        self, request: session_pb2.CreateDiscussionRequest, context: grpc.aio.ServicerContext
+    ) -> session_pb2.Discussion:
         owner = await self._caller(context, self._settings.create_cost)
         topic = validation.topic(request.topic, self._settings.max_topic_chars)
         rounds = validation.rounds(request.rounds, self._settings.max_rounds)
@@ -97,9 +110,11 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
                 return _copy(live.doc) if live is not None else stored
             await self._runner.submit(stored, owner, admitted)
             submitted = True
+            DISCUSSIONS_CREATED.inc()
             return _copy(stored)
         finally:
             if not submitted:
+                self._runner.forget_promotion(discussion_id)
                 self._runner.start_promoted(await self._admission.release(discussion_id))
 
     async def GetDiscussion(
@@ -120,8 +135,16 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
             raise InvalidArgument("after_sequence must not be negative", "after_sequence")
         doc = await self._visible(request.discussion_id, owner)
         await self._touch(doc)
-        discussion_id = doc.discussion_id
-        last = request.after_sequence
+        STREAM_SUBSCRIBERS.inc()
+        try:
+            async for event in self._follow(doc.discussion_id, request.after_sequence):
+                yield event
+        finally:
+            STREAM_SUBSCRIBERS.dec()
+
+    async def _follow(self, discussion_id: str, after_sequence: int) -> AsyncIterator[session_pb2.DiscussionEvent]:
+        """The events after after_sequence: replayed from the store, then as they are recorded."""
+        last = after_sequence
         while True:
             events = await self._store.events_after(discussion_id, last, EVENTS_PER_READ)
             for event in events:
@@ -173,6 +196,16 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
             discussions, next_token = await self._store.list_page(owner, request.status, page_size, request.page_token)
         except InvalidPageToken as error:
             raise InvalidArgument(str(error), "page_token") from error
+        # A page of long topics can outgrow the largest message: end it early and let the token go on.
+        budget = self._settings.max_message_bytes - RESPONSE_MARGIN_BYTES
+        size = 0
+        for index, discussion in enumerate(discussions):
+            size += discussion.ByteSize() + 8
+            if size > budget and index > 0:
+                last = discussions[index - 1]
+                next_token = encode_page_token(created_nanos(last), last.discussion_id)
+                discussions = discussions[:index]
+                break
         return session_pb2.ListDiscussionsResponse(discussions=discussions, next_page_token=next_token)
 
     async def DeleteDiscussion(
@@ -184,12 +217,18 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
         await self._runner.stop(doc.discussion_id, session_pb2.DISCUSSION_STATUS_CANCELLED, "deleted by the client")
         await self._store.delete(doc.discussion_id)
         await self._runner.release_agents(doc.discussion_id)
+        remove_session_log(doc.discussion_id)
         return session_pb2.DeleteDiscussionResponse()
 
     async def _caller(self, context: grpc.aio.ServicerContext, cost: int) -> str:
         """The authenticated principal, after charging the call to its rate limit."""
         principal = self._auth.principal(context.invocation_metadata())
-        await self._rate.spend(principal, cost)
+        try:
+            await self._rate.spend(principal, cost)
+        except ResourceExhausted as refused:
+            if cost != self._settings.create_cost:  # creates are counted once, in CreateDiscussion
+                ADMISSIONS_REJECTED.labels(refused.limit).inc()
+            raise
         return principal
 
     async def _check_retention(self, owner: str) -> None:

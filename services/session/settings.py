@@ -38,15 +38,29 @@ class SessionSettings(ServiceSettings):
     port: int = Field(50051, ge=0, le=65535, description="gRPC port; 0 picks a free one.")
     metrics_port: int = Field(9101, ge=-1, le=65535, description="Prometheus port; 0 picks one, -1 disables.")
     agents_address: str = Field("127.0.0.1:50052", description="host:port of the agent service.")
-    store: Literal["sqlite", "memory"] = Field("sqlite", description="Where discussions live.")
+    store: Literal["sqlite", "memory", "redis"] = Field(
+        "sqlite", description="Where discussions live: sqlite (one replica), memory (tests), redis (replicas share it)."
+    )
     sqlite_path: pathlib.Path = Field(pathlib.Path("var/roundtable.db"), description="SQLite database file.")
+    redis_url: str = Field(
+        "redis://127.0.0.1:6379/0",
+        description="With --store redis: discussions, events, admission leases and rate limits (rediss:// for TLS).",
+    )
+    redis_key_prefix: str = Field(
+        "rt", min_length=1, description="Prefix of every Redis key (deployments may share one Redis)."
+    )
+    redis_timeout_seconds: float = Field(
+        0.5, gt=0, le=10, description="Longest one Redis command may take; past it the call fails UNAVAILABLE."
+    )
     api_keys_file: pathlib.Path | None = Field(
         None, description="TOML file of API key hashes and their principals (python -m services.session.keys)."
     )
     allow_anonymous: bool = Field(
         True, description="Callers without a key act as one local principal (production: false)."
     )
-    max_concurrent_sessions: int = Field(100, ge=1, description="Discussions running at once on this replica.")
+    max_concurrent_sessions: int = Field(
+        100, ge=1, description="Discussions running at once: on this replica, or fleet-wide with --store redis."
+    )
     max_queued_sessions: int = Field(100, ge=0, description="Discussions waiting for a slot; past it, refused.")
     max_concurrent_sessions_per_principal: int = Field(
         20, ge=1, description="Running plus queued discussions one principal may have."

@@ -99,9 +99,12 @@ def decode_page_token(token: str) -> tuple[int, str]:
     """Inverse of encode_page_token; raises InvalidPageToken."""
     try:
         created, discussion_id = base64.urlsafe_b64decode(token.encode()).decode().split(":", 1)
-        return int(created), discussion_id
+        created_nanos = int(created)
     except (ValueError, UnicodeError) as error:
         raise InvalidPageToken("page_token is not one this server issued") from error
+    if not 0 <= created_nanos < 2**63 or len(discussion_id) > 64:
+        raise InvalidPageToken("page_token is not one this server issued")
+    return created_nanos, discussion_id
 
 
 def created_nanos(discussion: Discussion) -> int:

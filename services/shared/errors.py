@@ -35,7 +35,11 @@ class InvalidArgument(RoundtableError):
             return []
         return [
             error_details_pb2.BadRequest(
-                field_violations=[error_details_pb2.BadRequest.FieldViolation(field=self.field, description=str(self))]
+                field_violations=[
+                    error_details_pb2.BadRequest.FieldViolation(
+                        field=bounded(self.field, 200), description=bounded(str(self))
+                    )
+                ]
             )
         ]
 
@@ -89,9 +93,23 @@ class ResourceExhausted(RoundtableError):
         ]
 
 
+# Trailers carry the message three times (grpc-message percent-encoded, at up to 3 bytes per UTF-8
+# byte, and twice in the details); past 8 KiB a client may refuse them. 500 bytes keeps all under 3 KiB.
+MAX_MESSAGE_BYTES = 500
+
+
+def bounded(text: str, limit_bytes: int = MAX_MESSAGE_BYTES) -> str:
+    """Text cut to `limit_bytes` of UTF-8, saying so, so that echoing a huge input can't break the reply."""
+    encoded = text.encode()
+    if len(encoded) <= limit_bytes:
+        return text
+    kept = encoded[:limit_bytes].decode(errors="ignore")
+    return kept + f"… ({len(text) - len(kept)} more characters)"
+
+
 def to_grpc_status(error: RoundtableError) -> grpc.Status:
     """The grpc.Status (code, message, google.rpc.Status details) for a domain error."""
-    status = status_pb2.Status(code=getattr(code_pb2, error.code.name), message=str(error))
+    status = status_pb2.Status(code=getattr(code_pb2, error.code.name), message=bounded(str(error)))
     for detail in error.details():
         status.details.add().Pack(detail)
     return rpc_status.to_status(status)

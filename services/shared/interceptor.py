@@ -10,9 +10,10 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, cast
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from services.shared import metrics
-from services.shared.errors import RoundtableError, to_grpc_status
+from services.shared.errors import InvalidArgument, RoundtableError, to_grpc_status
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +38,30 @@ class _MethodMetrics:
         if child is None:
             child = self._handled[code] = metrics.SERVER_HANDLED.labels(*self._labels, code.name)
         return child
+
+
+class Undecodable:
+    """Stands in for a request whose bytes do not parse, so the handler can answer INVALID_ARGUMENT.
+
+    A deserializer that raises makes grpc.aio answer UNKNOWN before any interceptor runs.
+    """
+
+    def __init__(self, error: InvalidArgument) -> None:
+        self.error = error
+
+
+def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    if deserializer is None:
+        return None
+    parse = deserializer
+
+    def deserialize(data: bytes) -> Any:
+        try:
+            return parse(data)
+        except DecodeError as error:
+            return Undecodable(InvalidArgument(f"the request is not a valid protobuf message: {error}"))
+
+    return deserialize
 
 
 def _final_code(context: grpc.aio.ServicerContext, default: grpc.StatusCode) -> grpc.StatusCode:
@@ -72,23 +97,24 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
         return wrapped
 
     def _wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        deserializer = _tolerant(handler.request_deserializer)
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(
                 self._unary(method, handler.unary_unary),
-                request_deserializer=handler.request_deserializer,
+                request_deserializer=deserializer,
                 response_serializer=handler.response_serializer,
             )
         if handler.unary_stream is not None and inspect.isasyncgenfunction(handler.unary_stream):
             return grpc.unary_stream_rpc_method_handler(
                 self._server_stream(method, handler.unary_stream),
-                request_deserializer=handler.request_deserializer,
+                request_deserializer=deserializer,
                 response_serializer=handler.response_serializer,
             )
         if handler.unary_stream is not None:
             # A streaming handler that writes through context.write (health Watch) is a coroutine.
             return grpc.unary_stream_rpc_method_handler(
                 self._unary(method, cast(Callable[..., Awaitable[Any]], handler.unary_stream), "server_stream"),
-                request_deserializer=handler.request_deserializer,
+                request_deserializer=deserializer,
                 response_serializer=handler.response_serializer,
             )
         # Client- and bidi-streaming RPCs (reflection) are not part of our contracts; pass them through.
@@ -105,6 +131,8 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
             started = time.perf_counter()
             code = grpc.StatusCode.UNKNOWN
             try:
+                if isinstance(request, Undecodable):
+                    raise request.error
                 response = await behavior(request, context)
                 code = _final_code(context, grpc.StatusCode.OK)
                 if code is grpc.StatusCode.OK:
@@ -140,6 +168,8 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
             started = time.perf_counter()
             code = grpc.StatusCode.UNKNOWN
             try:
+                if isinstance(request, Undecodable):
+                    raise request.error
                 async for response in behavior(request, context):
                     stats.sent.inc()
                     yield response

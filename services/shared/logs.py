@@ -17,7 +17,8 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from services.shared.settings import LogFormat
+from services.shared.session_logs import SessionLogFiles, install
+from services.shared.settings import LogFormat, ServiceSettings
 
 session_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("session_id", default="")
 agent_var: contextvars.ContextVar[str] = contextvars.ContextVar("agent", default="")
@@ -74,22 +75,36 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, ensure_ascii=False)
 
 
+# The seed's formats: the console tags each line with its session; a session's own file needs no tag.
 TEXT_FORMAT = "%(asctime)s - %(session_tag)s - %(name)s - %(levelname)s - %(message)s"
+FILE_FORMAT = "%(asctime)s - %(name)s - %(levelname)s - %(message)s"
 
 
-def setup_logging(level: str, log_format: LogFormat, service: str) -> None:
-    """Configure the root logger once for a service process."""
-    handler = logging.StreamHandler(sys.stderr)
-    handler.addFilter(SessionContextFilter())
+def _formatter(log_format: LogFormat, text_format: str) -> logging.Formatter:
     if log_format == "json":
         formatter: logging.Formatter = JsonFormatter()
         formatter.converter = time.gmtime
-    else:
-        formatter = logging.Formatter(TEXT_FORMAT, datefmt="%Y-%m-%d %H:%M:%S")
-    handler.setFormatter(formatter)
+        return formatter
+    return logging.Formatter(text_format, datefmt="%Y-%m-%d %H:%M:%S")
+
+
+def setup_logging(settings: ServiceSettings, service: str) -> None:
+    """Configure the root logger once for a service process: console, and per-session files if on."""
+    console = logging.StreamHandler(sys.stderr)
+    console.addFilter(SessionContextFilter())
+    console.setFormatter(_formatter(settings.log_format, TEXT_FORMAT))
+    handlers: list[logging.Handler] = [console]
+    if settings.session_log_dir is not None:
+        files = SessionLogFiles(
+            settings.session_log_dir, settings.session_log_max_bytes, settings.session_log_max_open_files
+        )
+        files.addFilter(SessionContextFilter())
+        files.setFormatter(_formatter(settings.log_format, FILE_FORMAT))
+        install(files)
+        handlers.append(files)
     root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(level.upper())
+    root.handlers[:] = handlers
+    root.setLevel(settings.log_level.upper())
     # Third-party chatter at INFO drowns the discussion log.
     for noisy in ("httpx", "openai", "aiohttp.access", "aiosqlite"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

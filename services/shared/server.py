@@ -150,7 +150,7 @@ def _transport(settings: ServiceSettings) -> str:
 def run_service(settings_cls: type[S], build: Callable[[S], Service], argv: list[str] | None = None) -> None:
     """Entry point of a service process: settings, logging, serve until SIGTERM/SIGINT."""
     settings = load_settings(settings_cls, argv)
-    setup_logging(settings.log_level, settings.log_format, settings_cls.__name__)
+    setup_logging(settings, settings_cls.__name__)
     asyncio.run(serve(settings, build))
 
 

@@ -41,7 +41,18 @@ class ServiceSettings(BaseSettings):
         0, ge=-1, le=65535, description="Prometheus /metrics HTTP port; 0 picks a free one, -1 disables."
     )
     log_level: str = Field("INFO", description="Root log level: DEBUG, INFO, WARNING, ERROR.")
-    log_format: LogFormat = Field("text", description="Console log format: text or json (one object a line).")
+    log_format: LogFormat = Field(
+        "text", description="Log format, console and session files: text or json (one object a line)."
+    )
+    session_log_dir: pathlib.Path | None = Field(
+        pathlib.Path("logs"), description="Where each session's own log file goes (session_<id>.log); empty: none."
+    )
+    session_log_max_bytes: int = Field(
+        1_000_000, ge=1024, description="Size cap of one session's log file; past it lines are dropped."
+    )
+    session_log_max_open_files: int = Field(
+        256, ge=1, description="Session log files held open at once (least recently written closed first)."
+    )
     enable_reflection: bool = Field(True, description="Serve gRPC server reflection.")
     instance_id: str = Field(default_factory=default_instance_id, description="Id in monitor reports.")
     shutdown_grace_seconds: float = Field(
@@ -71,7 +82,7 @@ class ServiceSettings(BaseSettings):
     )
     tls_client_key_file: pathlib.Path | None = Field(None, description="PEM private key of --tls-client-cert-file.")
 
-    @field_validator(*TLS_FILE_FIELDS, mode="before")
+    @field_validator(*TLS_FILE_FIELDS, "session_log_dir", mode="before")
     @classmethod
     def _empty_path_is_unset(cls, value: Any) -> Any:
         # An empty flag or environment variable turns TLS off, like an empty --monitor-address.

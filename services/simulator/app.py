@@ -8,7 +8,7 @@ import json
 import logging
 import random
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -21,6 +21,7 @@ from services.simulator.answer import (
     extract_persona,
     extract_topic,
     normalize_messages,
+    prompt_digest,
     render_answer,
     split_pieces,
 )
@@ -29,6 +30,7 @@ from services.simulator.settings import RuntimeConfig, SimulatorSettings
 logger = logging.getLogger(__name__)
 
 REQUEST_LOG_SIZE = 10_000
+RETRY_COUNT_HEADER = "x-stainless-retry-count"
 # Large prompts (long discussion histories) must not hit aiohttp's 1 MiB default body limit.
 MAX_BODY_BYTES = 16 * 1024 * 1024
 
@@ -50,12 +52,18 @@ class RequestRecord:
     started_at_wall: float
     model: str = ""
     max_tokens: int | None = None
+    temperature: float | None = None
     answer: str = ""
     pieces_sent: int = 0
     finished_at: float | None = None
     finished_at_wall: float | None = None
     client_disconnected: bool = False
     retry_after_seconds: float | None = None
+    # Retries, as the openai SDK numbers them (x-stainless-retry-count), linked to the attempt before.
+    retry_count: int = 0
+    retry_of: int | None = None
+    waited_seconds: float | None = None
+    told_to_wait_seconds: float | None = None
 
     @property
     def finished(self) -> bool:
@@ -81,6 +89,7 @@ class ChatRequest:
     stream: bool
     include_usage: bool
     max_tokens: int | None
+    temperature: float | None = None
 
 
 class BadRequestError(ValueError):
@@ -144,6 +153,7 @@ def parse_chat_request(body: Any) -> ChatRequest:
         stream=bool(stream),
         include_usage=bool(options and options.get("include_usage")),
         max_tokens=max_completion if max_completion is not None else max_tokens,
+        temperature=None if temperature is None else float(temperature),
     )
 
 
@@ -163,6 +173,8 @@ class Simulator:
         self._log: deque[RequestRecord] = deque(maxlen=REQUEST_LOG_SIZE)
         self._total_requests = 0
         self._in_flight = 0
+        # The latest attempt of each distinct request body, so a retry can be tied to the attempt it repeats.
+        self._last_attempt: OrderedDict[bytes, RequestRecord] = OrderedDict()
         # Set on shutdown so hanging requests stop waiting for a client that may never leave.
         self._closing = asyncio.Event()
 
@@ -199,6 +211,7 @@ class Simulator:
         """Clear the request log and return how many records were dropped."""
         count = len(self._log)
         self._log.clear()
+        self._last_attempt.clear()
         return count
 
     async def wait_for_record(
@@ -253,9 +266,27 @@ class Simulator:
             started_at_wall=started[1],
             model=(chat.model or self.settings.model) if chat else "",
             max_tokens=chat.max_tokens if chat else None,
+            temperature=chat.temperature if chat else None,
         )
         self._log.append(record)
         return record
+
+    def _link_retry(self, record: RequestRecord, chat: ChatRequest, retry_header: str | None) -> None:
+        """Tie a retry to the attempt it repeats: how long the client waited, and what it was told."""
+        key = prompt_digest([{"model": record.model}, *chat.messages])
+        try:
+            record.retry_count = max(int(retry_header or 0), 0)
+        except ValueError:
+            record.retry_count = 0
+        previous = self._last_attempt.pop(key, None)
+        if record.retry_count > 0 and previous is not None:
+            record.retry_of = previous.request_id
+            record.told_to_wait_seconds = previous.retry_after_seconds
+            if previous.finished_at is not None:
+                record.waited_seconds = record.started_at - previous.finished_at
+        self._last_attempt[key] = record
+        while len(self._last_attempt) > REQUEST_LOG_SIZE:
+            self._last_attempt.popitem(last=False)
 
     def _finish(self, record: RequestRecord) -> None:
         record.finished_at = time.monotonic()
@@ -284,6 +315,7 @@ class Simulator:
 
         config = self._config  # one snapshot per request, so runtime updates never tear a response
         record = self._new_record(chat, "ok", None, started)
+        self._link_retry(record, chat, request.headers.get(RETRY_COUNT_HEADER))
         record.outcome = self._draw_outcome(record.persona, config)
         headers = {"x-request-id": f"sim-{record.request_id}"}
         self._in_flight += 1
@@ -319,6 +351,10 @@ class Simulator:
             headers["retry-after-ms"] = str(round(config.retry_after_seconds * 1000))
             return error_response(429, "simulated rate limit", "requests", "rate_limit_exceeded", headers)
         if record.outcome == "500":
+            if config.error_retry_after_seconds is not None:
+                record.retry_after_seconds = config.error_retry_after_seconds
+                headers["Retry-After"] = format_seconds(config.error_retry_after_seconds)
+                headers["retry-after-ms"] = str(round(config.error_retry_after_seconds * 1000))
             if record.persona in config.fail_personas:
                 message = f"simulated failure for persona {record.persona!r}"
             else:

@@ -52,6 +52,9 @@ class SimulatorSettings(BaseSettings):
     retry_after_seconds: NonNegativeFloat = Field(
         default=1.0, description="Value of the Retry-After header sent with simulated 429 responses."
     )
+    error_retry_after_seconds: NonNegativeFloat | None = Field(
+        default=None, description="Retry-After sent with simulated 500 responses; none when unset."
+    )
     seed: int = Field(default=0, description="Seed of the random generator that draws injected failures.")
     fail_personas: PersonaList = Field(
         default_factory=list, description="Personas whose requests always get HTTP 500 (comma list or JSON)."
@@ -69,6 +72,9 @@ class RuntimeConfig(BaseModel):
     fail_500_rate: Probability = Field(default=0.0, description="Probability that a request gets HTTP 500.")
     hang_rate: Probability = Field(default=0.0, description="Probability that a request hangs.")
     retry_after_seconds: NonNegativeFloat = Field(default=1.0, description="Retry-After sent with a 429.")
+    error_retry_after_seconds: NonNegativeFloat | None = Field(
+        default=None, description="Retry-After sent with a 500; none when unset."
+    )
     first_token_latency_ms: NonNegativeFloat = Field(default=50.0, description="First-token delay in ms.")
     tokens_per_second: PositiveFloat = Field(default=200.0, description="Answer words produced per second.")
     fail_personas: list[str] = Field(default_factory=list, description="Personas that always get HTTP 500.")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -13,7 +14,7 @@ import pytest
 
 from services.agents.agent_set import AgentSet, AgentSetRegistry
 from services.agents.discussion import DiscussionRun, StreamingLimits
-from services.agents.llm import ChatChunk, ChatMessage
+from services.agents.llm import DEFAULT_OPTIONS, CallOptions, ChatChunk, ChatMessage
 from services.agents.personas import PersonaRegistry
 from services.gen.roundtable.agents.v1 import agents_pb2
 from services.gen.roundtable.common.v1 import discussion_pb2
@@ -37,6 +38,7 @@ class Call:
 
     persona: str
     messages: list[ChatMessage]
+    options: CallOptions = DEFAULT_OPTIONS
 
 
 @dataclass
@@ -52,10 +54,17 @@ class FakeLLM:
     all_hanging: asyncio.Event = field(default_factory=asyncio.Event)
     expected_hanging: int = len(DEBATERS)
 
-    async def stream_chat(self, messages: Sequence[ChatMessage], *, timeout_seconds: float) -> AsyncIterator[ChatChunk]:
+    async def stream_chat(
+        self,
+        messages: Sequence[ChatMessage],
+        *,
+        timeout_seconds: float,
+        deadline: float | None = None,
+        options: CallOptions = DEFAULT_OPTIONS,
+    ) -> AsyncIterator[ChatChunk]:
         # The system prompt starts with "You are <name>," (see prompts.py).
         persona = messages[0].content.removeprefix("You are ").split(",", 1)[0]
-        self.calls.append(Call(persona, list(messages)))
+        self.calls.append(Call(persona, list(messages), options))
         call_number = sum(1 for c in self.calls if c.persona == persona)
         self.in_flight += 1
         self.max_in_flight = max(self.max_in_flight, self.in_flight)
@@ -370,3 +379,68 @@ async def test_resuming_after_the_last_round_only_writes_the_summary() -> None:
     for persona in DEBATERS[2:]:
         assert f"{persona} round one" in prompt
     assert of_kind(events, "summary_completed")
+
+
+async def test_a_token_budget_lets_a_round_finish_then_refuses_every_further_call() -> None:
+    llm = FakeLLM()
+    agent_set = make_agent_set()
+    run = DiscussionRun(
+        agent_set=agent_set,
+        topic=TOPIC,
+        persona_names=list(agent_set.agents),
+        rounds=3,
+        llm=llm,
+        limits=EVERY_CHUNK,
+        deadline=None,
+        token_budget=100,
+    )
+
+    events = await run_to_end(run)
+
+    # Round 1 spends 4 × 18 = 72 (< 100), so round 2 runs whole; 144 then leaves nothing for round 3.
+    assert len(llm.calls) == 2 * len(DEBATERS)
+    assert run.tokens_spent == 144
+    failed = of_kind(events, "agent_failed")
+    assert sorted((f.agent, f.round) for f in failed) == sorted((p, 3) for p in DEBATERS)
+    assert {f.reason for f in failed} == {"token budget of 100 spent (144 tokens used)"}
+    assert [s.round for s in of_kind(events, "agent_started")] == [1] * 4 + [2] * 4
+    assert of_kind(events, "summary_completed") == []
+
+
+async def test_a_budget_spent_by_the_rounds_leaves_the_summary_unwritten_with_the_reason() -> None:
+    llm = FakeLLM()
+    agent_set = make_agent_set()
+    run = DiscussionRun(
+        agent_set=agent_set,
+        topic=TOPIC,
+        persona_names=list(agent_set.agents),
+        rounds=1,
+        llm=llm,
+        limits=EVERY_CHUNK,
+        deadline=None,
+        token_budget=72,
+    )
+
+    events = await run_to_end(run)
+
+    assert llm.calls_of(MODERATOR) == []
+    assert [(f.agent, f.round, f.reason) for f in of_kind(events, "agent_failed")] == [
+        (MODERATOR, 2, "token budget of 72 spent (72 tokens used)")
+    ]
+    assert len(of_kind(events, "agent_completed")) == len(DEBATERS)
+
+
+async def test_each_call_carries_its_personas_model_choices() -> None:
+    registry = PersonaRegistry.load()
+    scientist = dataclasses.replace(
+        registry.personas["科学家"], backend="bigger", model="m-7b", temperature=0.0, max_tokens=99
+    )
+    agent_set = AgentSetRegistry(max_agent_sets=10).acquire("session-opts", [scientist, registry.personas["工程师"]])
+    llm = FakeLLM()
+
+    await run_to_end(make_run(llm, rounds=1, agent_set=agent_set))
+
+    assert llm.calls_of("科学家")[0].options == CallOptions(
+        backend="bigger", model="m-7b", temperature=0.0, max_tokens=99
+    )
+    assert llm.calls_of("工程师")[0].options == CallOptions()

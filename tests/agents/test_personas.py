@@ -6,7 +6,7 @@ import pathlib
 
 import pytest
 
-from services.agents.personas import PersonaFileError, PersonaRegistry
+from services.agents.personas import BackendSpec, PersonaFileError, PersonaRegistry
 
 VALID_PERSONAS = """
 [[persona]]
@@ -155,6 +155,73 @@ def test_a_minimal_file_loads_with_every_persona_as_the_default_roster(tmp_path:
             id="toml-syntax-error",
         ),
         pytest.param("", ["[[persona]]"], id="no-personas"),
+        pytest.param(
+            VALID_PERSONAS + '[[persona]]\nname = "诗人"\nrole = "a poet"\nbackend = "elsewhere"\n',
+            ["persona[2]", "'backend'", "elsewhere", "[[backend]]"],
+            id="backend-not-defined",
+        ),
+        pytest.param(
+            VALID_PERSONAS + '[[persona]]\nname = "诗人"\nrole = "a poet"\nmodel = ""\n',
+            ["persona[2]", "'model'"],
+            id="empty-model",
+        ),
+        pytest.param(
+            VALID_PERSONAS + '[[persona]]\nname = "诗人"\nrole = "a poet"\ntemperature = 2.5\n',
+            ["persona[2]", "'temperature'", "0 to 2"],
+            id="temperature-too-high",
+        ),
+        pytest.param(
+            VALID_PERSONAS + '[[persona]]\nname = "诗人"\nrole = "a poet"\ntemperature = "warm"\n',
+            ["persona[2]", "'temperature'"],
+            id="temperature-not-a-number",
+        ),
+        pytest.param(
+            VALID_PERSONAS + '[[persona]]\nname = "诗人"\nrole = "a poet"\nmax_tokens = 0\n',
+            ["persona[2]", "'max_tokens'"],
+            id="max-tokens-zero",
+        ),
+        pytest.param(
+            VALID_PERSONAS + '[[persona]]\nname = "诗人"\nrole = "a poet"\nmax_tokens = 12.5\n',
+            ["persona[2]", "'max_tokens'"],
+            id="max-tokens-not-whole",
+        ),
+        pytest.param(
+            VALID_PERSONAS + '[[backend]]\nname = "big"\nmodel = "m"\n',
+            ["backend[0]", "'base_url'"],
+            id="backend-without-base-url",
+        ),
+        pytest.param(
+            VALID_PERSONAS + '[[backend]]\nname = "big"\nbase_url = "ftp://x/v1"\nmodel = "m"\n',
+            ["backend[0]", "'base_url'", "ftp://x/v1"],
+            id="backend-base-url-not-http",
+        ),
+        pytest.param(
+            VALID_PERSONAS + '[[backend]]\nname = "big"\nbase_url = "http://x/v1"\n',
+            ["backend[0]", "'model'"],
+            id="backend-without-model",
+        ),
+        pytest.param(
+            VALID_PERSONAS
+            + '[[backend]]\nname = "big"\nbase_url = "http://x/v1"\nmodel = "m"\n'
+            + '[[backend]]\nname = "big"\nbase_url = "http://y/v1"\nmodel = "n"\n',
+            ["backend[1]", "'name'", "big", "twice"],
+            id="backend-defined-twice",
+        ),
+        pytest.param(
+            VALID_PERSONAS + '[[backend]]\nname = "big"\nbase_url = "http://x/v1"\nmodel = "m"\nkey = "k"\n',
+            ["backend[0]", "key"],
+            id="backend-unknown-field",
+        ),
+        pytest.param(
+            'backend = "local"\n' + VALID_PERSONAS,
+            ["'backend'", "[[backend]]"],
+            id="backend-not-an-array-of-tables",
+        ),
+        pytest.param(
+            "personas = []\n" + VALID_PERSONAS,
+            ["top-level", "personas"],
+            id="misspelt-top-level-field",
+        ),
     ],
 )
 def test_a_malformed_file_names_the_file_and_the_field(tmp_path: pathlib.Path, text: str, words: list[str]) -> None:
@@ -186,3 +253,59 @@ def test_a_file_that_is_not_utf8_names_the_file(tmp_path: pathlib.Path) -> None:
         PersonaRegistry.load(path)
 
     assert str(path) in str(caught.value)
+
+
+MIXED_MODELS = """
+[[backend]]
+name = "bigger"
+base_url = "http://127.0.0.1:8081/v1"
+model = "some-7b-instruct"
+
+[[persona]]
+name = "科学家"
+aliases = ["scientist"]
+role = "a scientist"
+backend = "bigger"
+temperature = 0.2
+
+[[persona]]
+name = "哲学家"
+role = "a philosopher"
+model = "another-model"
+max_tokens = 400
+temperature = 1
+
+[[persona]]
+name = "主持人"
+role = "the moderator"
+moderator = true
+"""
+
+
+def test_personas_may_choose_their_backend_model_and_sampling(tmp_path: pathlib.Path) -> None:
+    registry = PersonaRegistry.load(write(tmp_path, MIXED_MODELS))
+
+    assert registry.backends["bigger"] == BackendSpec(
+        name="bigger", base_url="http://127.0.0.1:8081/v1", model="some-7b-instruct"
+    )
+    scientist, philosopher, moderator = registry.personas.values()
+    assert (scientist.backend, scientist.model, scientist.temperature, scientist.max_tokens) == (
+        "bigger",
+        None,
+        0.2,
+        None,
+    )
+    assert (philosopher.backend, philosopher.model, philosopher.temperature, philosopher.max_tokens) == (
+        None,
+        "another-model",
+        1.0,
+        400,
+    )
+    assert (moderator.backend, moderator.model, moderator.temperature, moderator.max_tokens) == (None,) * 4
+
+
+def test_the_shipped_file_leaves_every_model_choice_to_the_service() -> None:
+    registry = PersonaRegistry.load()
+
+    assert registry.backends == {}
+    assert all(p.backend is p.model is p.temperature is p.max_tokens is None for p in registry.personas.values())

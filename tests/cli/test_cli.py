@@ -8,7 +8,14 @@ import socket
 import subprocess
 import sys
 
+import grpc
 import psutil
+import pytest
+
+from services.agents import local_model
+from services.cli.launcher import Addresses, start_suite, stop_suite
+from services.gen.roundtable.agents.v1 import agents_pb2, agents_pb2_grpc
+from tests.agents.test_local_model import skip_unless_installed
 
 
 def _free_ports(count: int) -> list[int]:
@@ -45,6 +52,7 @@ def test_up_runs_a_demo_discussion_and_stops_every_service(tmp_path: pathlib.Pat
         "--monitor-port", str(monitor),
         "--simulator-port", str(simulator),
         "--metrics-ports", f"{m1},{m2},{m3}",
+        "--llm", "sim",
         "--demo", "Is a hot dog a sandwich?",
         "--rounds", "2",
         "--exit-after-demo",
@@ -75,3 +83,77 @@ def test_discuss_against_nothing_says_how_to_start_the_suite() -> None:
     assert done.returncode == 2
     assert "UNAVAILABLE" in done.stderr
     assert "roundtable up" in done.stderr
+
+
+async def test_auto_falls_back_to_the_simulator_loudly_when_the_local_model_is_missing(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(local_model, "missing", lambda: "the local model is not installed (pretend)")
+    session, agents, monitor, simulator, m1, m2, m3 = _free_ports(7)
+    addresses = Addresses(
+        session=f"127.0.0.1:{session}",
+        agents=f"127.0.0.1:{agents}",
+        monitor=f"127.0.0.1:{monitor}",
+        simulator_port=simulator,
+        metrics_ports=(m1, m2, m3),
+    )
+    children = await start_suite(addresses, "auto", "memory", {}, tmp_path / "log")
+    try:
+        assert [c.name for c in children] == ["simulator", "monitor", "agents", "session"]
+        assert "NO LOCAL MODEL: the local model is not installed (pretend)" in capsys.readouterr().err
+        async with grpc.aio.insecure_channel(addresses.agents) as channel:
+            listing = await agents_pb2_grpc.AgentServiceStub(channel).ListPersonas(agents_pb2.ListPersonasRequest())
+        assert listing.backend == "simulator"
+        assert "SIMULATOR" in listing.notice
+    finally:
+        await stop_suite(children)
+
+
+async def test_local_refuses_to_start_without_the_local_model(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(local_model, "missing", lambda: "the local model is not installed (pretend)")
+    ports = _free_ports(7)
+    addresses = Addresses(
+        session=f"127.0.0.1:{ports[0]}",
+        agents=f"127.0.0.1:{ports[1]}",
+        monitor=f"127.0.0.1:{ports[2]}",
+        simulator_port=ports[3],
+        metrics_ports=(ports[4], ports[5], ports[6]),
+    )
+    with pytest.raises(RuntimeError, match="pretend"):
+        await start_suite(addresses, "local", "memory", {}, tmp_path / "log")
+
+
+@pytest.mark.local_model
+def test_up_runs_the_demo_on_the_local_model_when_it_is_installed(tmp_path: pathlib.Path) -> None:
+    skip_unless_installed()
+    session, agents, monitor, simulator, local, m1, m2, m3 = _free_ports(8)
+    command = [
+        sys.executable,
+        "-m",
+        "services.cli",
+        "up",
+        "--session-port", str(session),
+        "--agents-port", str(agents),
+        "--monitor-port", str(monitor),
+        "--simulator-port", str(simulator),
+        "--local-model-port", str(local),
+        "--metrics-ports", f"{m1},{m2},{m3}",
+        "--store", "memory",
+        "--max-tokens", "24",
+        "--demo", "Is a hot dog a sandwich?",
+        "--rounds", "1",
+        "--exit-after-demo",
+    ]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(pathlib.Path(__file__).resolve().parents[2])}
+    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stdout + done.stderr
+    out = done.stdout
+    assert "local model answered the one-token check" in out
+    assert f"LLM backend: the local model {local_model.MODEL_NAME}" in out
+    assert "SIMULATOR" not in out + done.stderr
+    assert "SUMMARY by 主持人" in out
+    assert "● status: COMPLETED" in out
+    assert _service_processes([session, agents, monitor, simulator]) == []
+    assert not any(str(local) in (p.info["cmdline"] or []) for p in psutil.process_iter(["cmdline"]))

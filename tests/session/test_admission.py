@@ -1,11 +1,24 @@
-"""Admission as a component: leases that lapse, a FIFO queue, per-principal caps, retry estimates."""
+"""Admission as a component: leases that lapse, a FIFO queue, per-principal caps, retry estimates.
+
+Every case runs on MemoryAdmission and on RedisAdmission against a real redis-server.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import itertools
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
 import pytest
 
-from services.session.admission import MemoryAdmission
+from services.session.admission import Admission, MemoryAdmission
+from services.session.redis_admission import RedisAdmission
+from services.session.redis_connection import Client, connect
 from services.shared.errors import ResourceExhausted
+from tests.redis_server import redis_server, redis_url  # noqa: F401  (fixtures the redis case uses)
+
+_prefixes = itertools.count()
 
 
 class Clock:
@@ -16,14 +29,55 @@ class Clock:
         return self.now
 
 
-def admission(clock: Clock, capacity: int = 2, max_queued: int = 2, per_principal: int = 10) -> MemoryAdmission:
-    return MemoryAdmission(
-        capacity=capacity, max_queued=max_queued, max_per_principal=per_principal, lease_ttl_seconds=30, clock=clock
-    )
+@dataclass
+class Gates:
+    """Builds admissions of one kind, and lets time pass for them."""
+
+    kind: str
+    client: Client | None = None
+    clock: Clock = field(default_factory=Clock)
+
+    def make(
+        self, capacity: int = 2, max_queued: int = 2, per_principal: int = 10, lease_ttl_seconds: float = 30
+    ) -> Admission:
+        if self.client is None:
+            return MemoryAdmission(
+                capacity=capacity,
+                max_queued=max_queued,
+                max_per_principal=per_principal,
+                lease_ttl_seconds=lease_ttl_seconds,
+                clock=self.clock,
+            )
+        return RedisAdmission(
+            self.client,
+            capacity=capacity,
+            max_queued=max_queued,
+            max_per_principal=per_principal,
+            lease_ttl_seconds=lease_ttl_seconds,
+            key_prefix=f"t{next(_prefixes)}",
+        )
+
+    async def advance(self, seconds: float) -> None:
+        """Memory: move the injected clock. Redis: leases run on Redis' clock, so really wait."""
+        if self.client is None:
+            self.clock.now += seconds
+        else:
+            await asyncio.sleep(seconds)
 
 
-async def test_slots_then_queue_then_refusal_naming_the_limit() -> None:
-    gate = admission(Clock())
+@pytest.fixture(params=["memory", "redis"])
+async def gates(request: pytest.FixtureRequest) -> AsyncIterator[Gates]:
+    """A builder of admissions of each kind."""
+    if request.param == "memory":
+        yield Gates("memory")
+        return
+    client = connect(request.getfixturevalue("redis_url"))
+    yield Gates("redis", client=client)
+    await client.aclose()
+
+
+async def test_slots_then_queue_then_refusal_naming_the_limit(gates: Gates) -> None:
+    gate = gates.make()
     assert [await gate.admit(f"d{i}", "alice") for i in range(4)] == [True, True, False, False]
     with pytest.raises(ResourceExhausted) as caught:
         await gate.admit("d4", "alice")
@@ -32,8 +86,8 @@ async def test_slots_then_queue_then_refusal_naming_the_limit() -> None:
     assert (gate.active(), gate.queued()) == (2, 2)
 
 
-async def test_queued_discussions_are_admitted_in_arrival_order() -> None:
-    gate = admission(Clock(), capacity=1, max_queued=3)
+async def test_queued_discussions_are_admitted_in_arrival_order(gates: Gates) -> None:
+    gate = gates.make(capacity=1, max_queued=3)
     for name in ("first", "q1", "q2", "q3"):
         await gate.admit(name, "alice")
     assert await gate.release("first", duration_seconds=5) == ["q1"]
@@ -43,23 +97,24 @@ async def test_queued_discussions_are_admitted_in_arrival_order() -> None:
     assert (gate.active(), gate.queued()) == (0, 0)
 
 
-async def test_a_lease_that_is_not_renewed_lapses_and_its_slot_is_reused() -> None:
-    clock = Clock()
-    gate = admission(clock, capacity=1, max_queued=1)
+async def test_a_lease_that_is_not_renewed_lapses_and_its_slot_is_reused(gates: Gates) -> None:
+    # Memory: a 30 s ttl on the injected clock. Redis: a 1 s ttl in real time, with margins for a busy machine.
+    ttl, renew_after, still_held_after, lapsed_after = (30, 29, 29, 2) if gates.kind == "memory" else (1, 0.5, 0.5, 0.7)
+    gate = gates.make(capacity=1, max_queued=1, lease_ttl_seconds=ttl)
     assert await gate.admit("crashed-runner", "alice")
     assert not await gate.admit("waiting", "bob")
-    clock.now += 29
+    await gates.advance(renew_after)
     assert await gate.renew("crashed-runner") is True  # renewed in time: still held
-    clock.now += 29
+    await gates.advance(still_held_after)
     assert await gate.reap() == []
-    clock.now += 2  # 31 s since the last renewal: the runner is gone
+    await gates.advance(lapsed_after)  # more than a ttl since the last renewal: the runner is gone
     assert await gate.reap() == ["waiting"]
     assert await gate.renew("crashed-runner") is False
     assert await gate.renew("waiting") is True
 
 
-async def test_a_principal_cannot_hold_more_than_its_share() -> None:
-    gate = admission(Clock(), capacity=10, max_queued=10, per_principal=3)
+async def test_a_principal_cannot_hold_more_than_its_share(gates: Gates) -> None:
+    gate = gates.make(capacity=10, max_queued=10, per_principal=3)
     for i in range(3):
         await gate.admit(f"a{i}", "alice")
     with pytest.raises(ResourceExhausted) as caught:
@@ -71,8 +126,8 @@ async def test_a_principal_cannot_hold_more_than_its_share() -> None:
     assert await gate.admit("a3", "alice")
 
 
-async def test_queued_places_count_towards_the_principal_cap_until_they_leave() -> None:
-    gate = admission(Clock(), capacity=1, max_queued=5, per_principal=2)
+async def test_queued_places_count_towards_the_principal_cap_until_they_leave(gates: Gates) -> None:
+    gate = gates.make(capacity=1, max_queued=5, per_principal=2)
     await gate.admit("running", "alice")
     await gate.admit("waiting", "alice")
     with pytest.raises(ResourceExhausted):
@@ -81,8 +136,8 @@ async def test_queued_places_count_towards_the_principal_cap_until_they_leave() 
     assert not await gate.admit("third", "alice")
 
 
-async def test_retry_estimate_follows_observed_durations_and_the_queue() -> None:
-    gate = admission(Clock(), capacity=2, max_queued=0)
+async def test_retry_estimate_follows_observed_durations_and_the_queue(gates: Gates) -> None:
+    gate = gates.make(capacity=2, max_queued=0)
     await gate.admit("a", "x")
     await gate.admit("b", "x")
     for _ in range(30):  # discussions have been taking 4 s

@@ -1,4 +1,4 @@
-"""The Store contract: every backend (memory, SQLite) passes the same suite."""
+"""The Store contract: every backend (memory, SQLite, Redis) passes the same suite."""
 
 from __future__ import annotations
 
@@ -13,8 +13,11 @@ import pytest
 from services.gen.roundtable.common.v1 import discussion_pb2
 from services.gen.roundtable.session.v1 import session_pb2
 from services.session.memory_store import MemoryStore
+from services.session.redis_connection import connect
+from services.session.redis_store import RedisStore
 from services.session.sqlite_store import SqliteStore
 from services.session.store import InvalidPageToken, Store
+from tests.redis_server import redis_server, redis_url  # noqa: F401  (fixtures the redis case uses)
 
 RUNNING = session_pb2.DISCUSSION_STATUS_RUNNING
 QUEUED = session_pb2.DISCUSSION_STATUS_QUEUED
@@ -29,10 +32,16 @@ ALICE = "alice"
 BOB = "bob"
 
 
-@pytest.fixture(params=["memory", "sqlite"])
+@pytest.fixture(params=["memory", "sqlite", "redis"])
 async def store(request: pytest.FixtureRequest, tmp_path: pathlib.Path) -> AsyncIterator[Store]:
-    """A fresh, empty store of each kind."""
-    opened: Store = MemoryStore() if request.param == "memory" else await SqliteStore.open(tmp_path / "x.db")
+    """A fresh, empty store of each kind (Redis: a real redis-server, emptied for the test)."""
+    opened: Store
+    if request.param == "memory":
+        opened = MemoryStore()
+    elif request.param == "sqlite":
+        opened = await SqliteStore.open(tmp_path / "x.db")
+    else:
+        opened = await RedisStore.open(connect(request.getfixturevalue("redis_url")))
     yield opened
     await opened.close()
 

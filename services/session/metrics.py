@@ -1,0 +1,18 @@
+"""The session service's domain metrics (roundtable_*): base units, never a session id or principal label."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge
+
+DISCUSSIONS_CREATED = Counter("roundtable_discussions_created_total", "Discussions accepted (running or queued).")
+DISCUSSIONS_FINISHED = Counter(
+    "roundtable_discussions_finished_total", "Discussions that reached a terminal status.", ["status"]
+)
+DISCUSSIONS_ACTIVE = Gauge("roundtable_discussions_active", "Discussions running on this session replica.")
+DISCUSSIONS_QUEUED = Gauge("roundtable_discussions_queued", "Discussions waiting for a slot on this replica.")
+DISCUSSION_CAPACITY = Gauge("roundtable_discussions_capacity", "Discussions this replica may run at once.")
+DISCUSSIONS_EXPIRED = Counter("roundtable_discussions_expired_total", "Discussions removed because they expired.")
+ADMISSIONS_REJECTED = Counter(
+    "roundtable_admissions_rejected_total", "Calls refused with RESOURCE_EXHAUSTED, by the limit reached.", ["limit"]
+)
+STREAM_SUBSCRIBERS = Gauge("roundtable_stream_subscribers", "StreamDiscussion calls open on this replica.")
