@@ -129,7 +129,7 @@ async def start_server(
     *,
     host: str = "127.0.0.1",
     port: int = 0,
-    preexec_fn: Callable[[], None] | None = None,
+    wrap: Callable[[list[str]], list[str]] | None = None,
 ) -> LocalModelServer:
     """Start the server on loopback and wait until it serves /v1/models; raises LocalModelError."""
     reason = missing()
@@ -139,12 +139,12 @@ async def start_server(
     port = port or free_port(host)
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with log_path.open("ab") as log:
+        command = server_command(model_file, host, port)
         process = await asyncio.create_subprocess_exec(
-            *server_command(model_file, host, port),
+            *(wrap(command) if wrap else command),
             stdin=asyncio.subprocess.DEVNULL,
             stdout=log,
             stderr=log,
-            preexec_fn=preexec_fn,
         )
     server = LocalModelServer(process=process, host=host, port=port, log_path=log_path)
     logger.info("starting the local model %s on %s (log: %s)", MODEL_NAME, server.base_url, log_path)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import os
 import pathlib
 import signal
@@ -12,13 +11,13 @@ import sys
 from dataclasses import dataclass
 
 from services.agents import local_model
+from services.cli.child import guarded
 
 READY_TIMEOUT_SECONDS = 60.0
 # Longest answer of one agent unless --max-tokens says otherwise. A 135M model on a couple of cores:
 # long enough to say something, short enough to watch live. Simulated filler: short enough to read.
 LOCAL_MAX_TOKENS = 128
 SIMULATOR_MAX_TOKENS = 60
-PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 
 
 @dataclass
@@ -50,13 +49,10 @@ async def _start(name: str, args: list[str], env: dict[str, str], log_dir: pathl
     log_path = log_dir / f"{name}.log"
     with log_path.open("ab") as log:
         process = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            *args,
+            *guarded([sys.executable, "-m", *args]),
             stdout=asyncio.subprocess.PIPE,
             stderr=log,
             env=env,
-            preexec_fn=_die_with_parent,
         )
     child = Child(name=name, process=process, log_path=log_path)
     assert process.stdout is not None
@@ -84,7 +80,7 @@ async def _start_local_model(port: int, log_dir: pathlib.Path) -> tuple[Child | 
         return None, reason
     print(f"starting the local model {local_model.MODEL_NAME} on 127.0.0.1:{port}…", flush=True)
     try:
-        server = await local_model.start_server(log_dir / "local-model.log", port=port, preexec_fn=_die_with_parent)
+        server = await local_model.start_server(log_dir / "local-model.log", port=port, wrap=guarded)
     except local_model.LocalModelError as error:
         return None, str(error)
     try:
@@ -106,13 +102,6 @@ def _announce_fallback(reason: str) -> None:
         file=sys.stderr,
         flush=True,
     )
-
-
-def _die_with_parent() -> None:
-    """In the child, before exec: get SIGTERM if `roundtable up` dies, so no service is orphaned."""
-    if sys.platform == "linux":
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 async def _drain(stream: asyncio.StreamReader) -> None:

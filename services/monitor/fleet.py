@@ -40,6 +40,28 @@ class MethodPerformance:
 
 
 @dataclass(frozen=True)
+class PerformancePoint:
+    """One method over one step, summed across the fleet; latencies are 0 without observations."""
+
+    at_wall_time: float
+    requests: int
+    errors: int
+    requests_per_second: float
+    error_rate: float
+    p50_ms: float
+    p95_ms: float
+    p99_ms: float
+
+
+@dataclass(frozen=True)
+class MethodHistory:
+    """One method's points over a window, oldest first, one per step."""
+
+    method: str
+    points: tuple[PerformancePoint, ...]
+
+
+@dataclass(frozen=True)
 class InstanceConcurrency:
     """Load of one instance as of its latest report."""
 
@@ -195,6 +217,42 @@ def _window_deltas(
     return deltas, newest.received_at - base.received_at
 
 
+def _step_deltas(history: Sequence[Snapshot], bounds: Sequence[float]) -> list[dict[str, _MethodDelta] | None]:
+    """Per-method deltas of one instance in each step between consecutive bounds; None where unknown."""
+    received = [snapshot.received_at for snapshot in history]
+    at_bounds: list[Snapshot | None] = []
+    for bound in bounds:
+        index = bisect.bisect_right(received, bound) - 1
+        at_bounds.append(history[index] if index >= 0 else None)
+    steps: list[dict[str, _MethodDelta] | None] = []
+    for step_start, older, newer in zip(bounds, at_bounds, at_bounds[1:], strict=False):
+        if newer is None:
+            steps.append(None)
+            continue
+        if older is newer:
+            # No report landed in this step: its traffic shows up in the step of the next report.
+            steps.append({})
+            continue
+        if older is None:
+            uptime = _uptime_at_report(newer.report)
+            if uptime is None or newer.received_at - uptime < step_start:
+                # It ran before its first report here: where its counters started is unknown.
+                steps.append(None)
+                continue
+            older_methods: dict[str, monitor_pb2.MethodCounters] = {}
+        elif _started_seconds(older.report) != _started_seconds(newer.report):
+            older_methods = {}
+        else:
+            older_methods = {counters.method: counters for counters in older.report.methods}
+        steps.append(
+            {
+                counters.method: _method_delta(counters, older_methods.get(counters.method))
+                for counters in newer.report.methods
+            }
+        )
+    return steps
+
+
 class FleetView:
     """Recent reports per instance; instances silent for stale_after_seconds are forgotten."""
 
@@ -268,6 +326,50 @@ class FleetView:
                 )
             )
         return summaries
+
+    def history(self, window_seconds: float, step_seconds: float) -> list[MethodHistory]:
+        """Per-method points, one per step, over the last window; methods idle throughout are left out."""
+        step_count = max(1, math.ceil(window_seconds / step_seconds))
+        with self._lock:
+            now = self._clock()
+            wall_now = self._wall_clock()
+            self._drop_stale(now)
+            bounds = [now - (step_count - index) * step_seconds for index in range(step_count + 1)]
+            requests: dict[str, list[int]] = {}
+            errors: dict[str, list[int]] = {}
+            histograms: dict[str, list[list[Buckets]]] = {}
+            for history in self._history.values():
+                for step, deltas in enumerate(_step_deltas(list(history), bounds)):
+                    for method, delta in (deltas or {}).items():
+                        if method not in requests:
+                            requests[method] = [0] * step_count
+                            errors[method] = [0] * step_count
+                            histograms[method] = [[] for _ in range(step_count)]
+                        requests[method][step] += delta.requests
+                        errors[method][step] += delta.errors
+                        histograms[method][step].append(delta.buckets)
+        result = []
+        for method in sorted(requests):
+            if not any(requests[method]):
+                continue
+            points = []
+            for step in range(step_count):
+                buckets = _sum_buckets(histograms[method][step])
+                count = requests[method][step]
+                points.append(
+                    PerformancePoint(
+                        at_wall_time=wall_now - (now - bounds[step + 1]),
+                        requests=count,
+                        errors=errors[method][step],
+                        requests_per_second=count / step_seconds,
+                        error_rate=min(errors[method][step] / count, 1.0) if count else 0.0,
+                        p50_ms=_quantile_ms(0.50, buckets),
+                        p95_ms=_quantile_ms(0.95, buckets),
+                        p99_ms=_quantile_ms(0.99, buckets),
+                    )
+                )
+            result.append(MethodHistory(method=method, points=tuple(points)))
+        return result
 
     def concurrency(self) -> ConcurrencyTotals:
         """Load totals across the fleet and per instance, from each instance's latest report."""

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import grpc
 from prometheus_client import REGISTRY, CollectorRegistry
@@ -12,30 +15,52 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
 from services.gen.roundtable.monitor.v1 import monitor_pb2, monitor_pb2_grpc
+from services.monitor.alerts import AlertEvaluator, AlertThresholds, FleetAlerts, Rule
 from services.monitor.fleet import ConcurrencyTotals, FleetView
 from services.monitor.servicer import SERVICES, MonitorServicer
-from services.monitor.settings import MonitorSettings
+from services.monitor.settings import LONG_LIVED_STREAMS, MonitorSettings
 from services.shared.reporter import InstanceLoad
+
+logger = logging.getLogger(__name__)
 
 MONITOR_SERVICE_NAME: str = monitor_pb2.DESCRIPTOR.services_by_name["MonitorService"].full_name
 
 
-class FleetCollector(Collector):
-    """Exports the fleet view as roundtable_fleet_* gauges at scrape time."""
+def alert_thresholds(settings: MonitorSettings) -> AlertThresholds:
+    """The alert rules the settings describe."""
+    return AlertThresholds(
+        error_rate=Rule(settings.alert_error_rate, settings.alert_error_rate_hold_seconds),
+        p99_latency_ms=Rule(settings.alert_p99_latency_ms, settings.alert_p99_latency_hold_seconds),
+        p99_latency_ms_by_method={**LONG_LIVED_STREAMS, **settings.alert_p99_latency_ms_by_method},
+        rss_bytes=Rule(settings.alert_rss_mb * 2**20, settings.alert_rss_hold_seconds),
+        cpu_percent=Rule(settings.alert_cpu_percent, settings.alert_cpu_hold_seconds),
+        queued_sessions=Rule(settings.alert_queued_sessions, settings.alert_queue_hold_seconds),
+    )
 
-    def __init__(self, fleet: FleetView) -> None:
+
+class FleetCollector(Collector):
+    """Exports the fleet view and its alerts as roundtable_fleet_* gauges at scrape time."""
+
+    def __init__(self, fleet: FleetView, alert_evaluator: AlertEvaluator) -> None:
         self._fleet = fleet
+        self._alert_evaluator = alert_evaluator
 
     def describe(self) -> Iterable[Metric]:
         """The families, without samples, so the registry can detect name clashes without a scrape."""
-        return _families(ConcurrencyTotals(), with_services=False)
+        return _families(ConcurrencyTotals(), {}, with_services=False)
 
     def collect(self) -> Iterable[Metric]:
         """The current fleet view."""
-        return _families(self._fleet.concurrency(), with_services=True)
+        return _families(self._fleet.concurrency(), self._alert_evaluator.firing_counts(), with_services=True)
 
 
-def _families(totals: ConcurrencyTotals, *, with_services: bool) -> list[Metric]:
+def _families(totals: ConcurrencyTotals, alerts_firing: Mapping[str, int], *, with_services: bool) -> list[Metric]:
+    # Labelled by alert name only: subjects (methods, instances) are in ListAlerts, never a session.
+    alerts = GaugeMetricFamily(
+        "roundtable_fleet_alerts_firing", "Monitor alerts firing now, by alert name.", labels=["alert"]
+    )
+    for name, count in sorted(alerts_firing.items()):
+        alerts.add_metric([name], count)
     instances = GaugeMetricFamily(
         "roundtable_fleet_instances", "Instances in the fleet view, by service.", labels=["service"]
     )
@@ -80,6 +105,7 @@ def _families(totals: ConcurrencyTotals, *, with_services: bool) -> list[Metric]
         ),
         rss,
         cpu,
+        alerts,
     ]
 
 
@@ -102,32 +128,61 @@ class MonitorService:
             history_per_instance=settings.history_per_instance,
             clock=clock,
         )
+        self.alerts = FleetAlerts(
+            self.fleet,
+            alert_thresholds(settings),
+            window_seconds=settings.alert_window_seconds,
+            evaluator=AlertEvaluator(resolved_retention_seconds=settings.alert_resolved_retention_seconds, clock=clock),
+        )
         self._registry = registry
         self._collector: FleetCollector | None = None
+        self._ticker: asyncio.Task[None] | None = None
 
     def register(self, server: grpc.aio.Server) -> None:
         """Add the MonitorService servicer to the server."""
         servicer = MonitorServicer(
             self.fleet,
+            self.alerts,
             default_window_seconds=self.settings.default_window_seconds,
             max_window_seconds=self.settings.max_window_seconds,
         )
         monitor_pb2_grpc.add_MonitorServiceServicer_to_server(servicer, server)
 
     async def start(self) -> None:
-        """Start exporting the fleet view on /metrics."""
+        """Start exporting the fleet view on /metrics and evaluating alerts periodically."""
         # Registered here and removed in close(), so monitors started one after another in a process coexist.
-        self._collector = FleetCollector(self.fleet)
+        self._collector = FleetCollector(self.fleet, self.alerts.evaluator)
         self._registry.register(self._collector)
+        self._ticker = asyncio.create_task(self._tick(), name="monitor-alert-ticker")
+
+    async def _tick(self) -> None:
+        # Reports trigger evaluation too; the tick catches what happens without them (instances going silent).
+        while True:
+            await asyncio.sleep(self.settings.alert_evaluation_interval_seconds)
+            try:
+                self.alerts.evaluate()
+            except Exception:
+                logger.exception("alert evaluation failed")
 
     async def drain(self, grace_seconds: float) -> None:
-        """Nothing to drain: reports and queries are short and hold no state worth finishing."""
+        """Stop evaluating and end alert watches, so open streams do not hold the shutdown for the grace period."""
+        await self._stop_ticker()
+        self.alerts.feed.close()
 
     async def close(self) -> None:
         """Stop exporting the fleet view."""
+        await self._stop_ticker()
+        self.alerts.feed.close()
         if self._collector is not None:
             self._registry.unregister(self._collector)
             self._collector = None
+
+    async def _stop_ticker(self) -> None:
+        if self._ticker is not None:
+            self._ticker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._ticker
+            self._ticker = None
 
     def load(self) -> InstanceLoad:
         """The monitor runs no sessions, so its own load is zero."""

@@ -441,9 +441,4 @@ async def check_poisoned_monitor(host: ServiceHost) -> None:
             stub.GetConcurrencyStats(monitor_pb2.GetConcurrencyStatsRequest(), timeout=10),
             stub.GetPerformanceSummary(monitor_pb2.GetPerformanceSummaryRequest(window_seconds=3600), timeout=10),
         ):
-            try:
-                await query
-            except grpc.aio.AioRpcError as error:
-                # harness.KNOWN_BUGS["fleet-totals-overflow"]; test_known_bugs.py has its strict xfail.
-                assert error.code() == Code.INTERNAL, error
-                print(f"    fuzzed monitor query: {error.code().name} (known bug fleet-totals-overflow)")
+            await query  # sums past int64 saturate; they once failed every reader

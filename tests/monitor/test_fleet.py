@@ -191,3 +191,41 @@ def test_concurrency_totals_and_rows(fleet: FleetView) -> None:
     assert totals.instances[0].cpu_percent == 12.5
     assert totals.instances[0].rss_bytes == 50_000_000
     assert totals.instances[0].last_report_wall_time == 5e8
+
+
+def test_performance_history_has_one_point_per_step(fleet: FleetView, clock: FakeClock) -> None:
+    fleet.record(report("a", counters(METHOD, [0] * 6)))
+    fleet.record(report("b", counters(METHOD, [0] * 6)))
+    clock.now += 10
+    fleet.record(report("a", counters(METHOD, [10, 0, 0, 0, 0, 0])))
+    fleet.record(report("b", counters(METHOD, [5, 0, 0, 0, 0, 0])))
+    clock.now += 10
+    fleet.record(report("a", counters(METHOD, [10, 0, 0, 0, 20, 0], errors=2)))
+    # b went quiet in the last step: it adds nothing there but does not hide a's traffic.
+    [row] = fleet.history(window_seconds=30, step_seconds=10)
+    assert row.method == METHOD
+    # Steps end 20 s ago, 10 s ago and now; before the first reports nothing is known.
+    assert [point.at_wall_time for point in row.points] == [5e8 - 20, 5e8 - 10, 5e8]
+    assert [point.requests for point in row.points] == [0, 15, 20]
+    assert [point.errors for point in row.points] == [0, 0, 2]
+    assert [point.requests_per_second for point in row.points] == [0, 1.5, 2.0]
+    assert row.points[1].p99_ms == pytest.approx(4.95)
+    assert row.points[2].p99_ms == pytest.approx(50 + 50 * 0.99)
+    assert row.points[2].error_rate == pytest.approx(0.1)
+    assert row.points[0].p99_ms == 0
+
+
+def test_performance_history_counts_an_instance_started_in_a_step_from_zero(fleet: FleetView, clock: FakeClock) -> None:
+    clock.now += 10
+    fleet.record(report("new", counters(METHOD, [0, 7, 0, 0, 0, 0]), uptime_seconds=4))
+    fleet.record(report("old", counters(METHOD, [100, 0, 0, 0, 0, 0])))
+    [row] = fleet.history(window_seconds=20, step_seconds=10)
+    assert [point.requests for point in row.points] == [0, 7]  # "old" has no earlier report to diff against
+
+
+def test_performance_history_across_a_restart_uses_the_new_counters(fleet: FleetView, clock: FakeClock) -> None:
+    fleet.record(report("a", counters(METHOD, [1000, 0, 0, 0, 0, 0])))
+    clock.now += 10
+    fleet.record(report("a", counters(METHOD, [1200, 0, 0, 0, 0, 0]), started_at=LONG_AGO + 20_000, uptime_seconds=5))
+    [row] = fleet.history(window_seconds=10, step_seconds=10)
+    assert [point.requests for point in row.points] == [1200]

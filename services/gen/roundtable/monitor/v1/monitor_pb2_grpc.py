@@ -50,6 +50,21 @@ class MonitorServiceStub:
                 request_serializer=roundtable_dot_monitor_dot_v1_dot_monitor__pb2.GetConcurrencyStatsRequest.SerializeToString,
                 response_deserializer=roundtable_dot_monitor_dot_v1_dot_monitor__pb2.ConcurrencyStats.FromString,
                 _registered_method=True)
+        self.GetPerformanceHistory = channel.unary_unary(
+                '/roundtable.monitor.v1.MonitorService/GetPerformanceHistory',
+                request_serializer=roundtable_dot_monitor_dot_v1_dot_monitor__pb2.GetPerformanceHistoryRequest.SerializeToString,
+                response_deserializer=roundtable_dot_monitor_dot_v1_dot_monitor__pb2.PerformanceHistory.FromString,
+                _registered_method=True)
+        self.ListAlerts = channel.unary_unary(
+                '/roundtable.monitor.v1.MonitorService/ListAlerts',
+                request_serializer=roundtable_dot_monitor_dot_v1_dot_monitor__pb2.ListAlertsRequest.SerializeToString,
+                response_deserializer=roundtable_dot_monitor_dot_v1_dot_monitor__pb2.ListAlertsResponse.FromString,
+                _registered_method=True)
+        self.WatchAlerts = channel.unary_stream(
+                '/roundtable.monitor.v1.MonitorService/WatchAlerts',
+                request_serializer=roundtable_dot_monitor_dot_v1_dot_monitor__pb2.WatchAlertsRequest.SerializeToString,
+                response_deserializer=roundtable_dot_monitor_dot_v1_dot_monitor__pb2.AlertTransition.FromString,
+                _registered_method=True)
 
 
 class MonitorServiceServicer:
@@ -77,6 +92,27 @@ class MonitorServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetPerformanceHistory(self, request, context):
+        """Per RPC method, one point per step over a window: rate, latency percentiles, error rate.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListAlerts(self, request, context):
+        """Alerts firing now and those resolved recently.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def WatchAlerts(self, request, context):
+        """Alert transitions as they happen; alerts already firing are sent first, marked replayed.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_MonitorServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -94,6 +130,21 @@ def add_MonitorServiceServicer_to_server(servicer, server):
                     servicer.GetConcurrencyStats,
                     request_deserializer=roundtable_dot_monitor_dot_v1_dot_monitor__pb2.GetConcurrencyStatsRequest.FromString,
                     response_serializer=roundtable_dot_monitor_dot_v1_dot_monitor__pb2.ConcurrencyStats.SerializeToString,
+            ),
+            'GetPerformanceHistory': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetPerformanceHistory,
+                    request_deserializer=roundtable_dot_monitor_dot_v1_dot_monitor__pb2.GetPerformanceHistoryRequest.FromString,
+                    response_serializer=roundtable_dot_monitor_dot_v1_dot_monitor__pb2.PerformanceHistory.SerializeToString,
+            ),
+            'ListAlerts': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListAlerts,
+                    request_deserializer=roundtable_dot_monitor_dot_v1_dot_monitor__pb2.ListAlertsRequest.FromString,
+                    response_serializer=roundtable_dot_monitor_dot_v1_dot_monitor__pb2.ListAlertsResponse.SerializeToString,
+            ),
+            'WatchAlerts': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchAlerts,
+                    request_deserializer=roundtable_dot_monitor_dot_v1_dot_monitor__pb2.WatchAlertsRequest.FromString,
+                    response_serializer=roundtable_dot_monitor_dot_v1_dot_monitor__pb2.AlertTransition.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -178,6 +229,87 @@ class MonitorService:
             '/roundtable.monitor.v1.MonitorService/GetConcurrencyStats',
             roundtable_dot_monitor_dot_v1_dot_monitor__pb2.GetConcurrencyStatsRequest.SerializeToString,
             roundtable_dot_monitor_dot_v1_dot_monitor__pb2.ConcurrencyStats.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetPerformanceHistory(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/roundtable.monitor.v1.MonitorService/GetPerformanceHistory',
+            roundtable_dot_monitor_dot_v1_dot_monitor__pb2.GetPerformanceHistoryRequest.SerializeToString,
+            roundtable_dot_monitor_dot_v1_dot_monitor__pb2.PerformanceHistory.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListAlerts(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/roundtable.monitor.v1.MonitorService/ListAlerts',
+            roundtable_dot_monitor_dot_v1_dot_monitor__pb2.ListAlertsRequest.SerializeToString,
+            roundtable_dot_monitor_dot_v1_dot_monitor__pb2.ListAlertsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchAlerts(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/roundtable.monitor.v1.MonitorService/WatchAlerts',
+            roundtable_dot_monitor_dot_v1_dot_monitor__pb2.WatchAlertsRequest.SerializeToString,
+            roundtable_dot_monitor_dot_v1_dot_monitor__pb2.AlertTransition.FromString,
             options,
             channel_credentials,
             insecure,

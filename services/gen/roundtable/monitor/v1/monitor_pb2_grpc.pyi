@@ -39,6 +39,12 @@ class MonitorServiceStub:
     """Per RPC method over a window: rate, latency percentiles, error rate."""
     GetConcurrencyStats: _grpc.UnaryUnaryMultiCallable[_monitor_pb2.GetConcurrencyStatsRequest, _monitor_pb2.ConcurrencyStats]
     """Active and queued sessions and capacity, in total and per instance."""
+    GetPerformanceHistory: _grpc.UnaryUnaryMultiCallable[_monitor_pb2.GetPerformanceHistoryRequest, _monitor_pb2.PerformanceHistory]
+    """Per RPC method, one point per step over a window: rate, latency percentiles, error rate."""
+    ListAlerts: _grpc.UnaryUnaryMultiCallable[_monitor_pb2.ListAlertsRequest, _monitor_pb2.ListAlertsResponse]
+    """Alerts firing now and those resolved recently."""
+    WatchAlerts: _grpc.UnaryStreamMultiCallable[_monitor_pb2.WatchAlertsRequest, _monitor_pb2.AlertTransition]
+    """Alert transitions as they happen; alerts already firing are sent first, marked replayed."""
 
 @_typing.type_check_only
 class MonitorServiceAsyncStub(MonitorServiceStub):
@@ -51,6 +57,12 @@ class MonitorServiceAsyncStub(MonitorServiceStub):
     """Per RPC method over a window: rate, latency percentiles, error rate."""
     GetConcurrencyStats: _aio.UnaryUnaryMultiCallable[_monitor_pb2.GetConcurrencyStatsRequest, _monitor_pb2.ConcurrencyStats]  # type: ignore[assignment]
     """Active and queued sessions and capacity, in total and per instance."""
+    GetPerformanceHistory: _aio.UnaryUnaryMultiCallable[_monitor_pb2.GetPerformanceHistoryRequest, _monitor_pb2.PerformanceHistory]  # type: ignore[assignment]
+    """Per RPC method, one point per step over a window: rate, latency percentiles, error rate."""
+    ListAlerts: _aio.UnaryUnaryMultiCallable[_monitor_pb2.ListAlertsRequest, _monitor_pb2.ListAlertsResponse]  # type: ignore[assignment]
+    """Alerts firing now and those resolved recently."""
+    WatchAlerts: _aio.UnaryStreamMultiCallable[_monitor_pb2.WatchAlertsRequest, _monitor_pb2.AlertTransition]  # type: ignore[assignment]
+    """Alert transitions as they happen; alerts already firing are sent first, marked replayed."""
 
 class MonitorServiceServicer(metaclass=_abc_1.ABCMeta):
     """Keeps the fleet view built from instance reports."""
@@ -78,5 +90,29 @@ class MonitorServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_monitor_pb2.ConcurrencyStats, _abc.Awaitable[_monitor_pb2.ConcurrencyStats]]:
         """Active and queued sessions and capacity, in total and per instance."""
+
+    @_abc_1.abstractmethod
+    def GetPerformanceHistory(
+        self,
+        request: _monitor_pb2.GetPerformanceHistoryRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_monitor_pb2.PerformanceHistory, _abc.Awaitable[_monitor_pb2.PerformanceHistory]]:
+        """Per RPC method, one point per step over a window: rate, latency percentiles, error rate."""
+
+    @_abc_1.abstractmethod
+    def ListAlerts(
+        self,
+        request: _monitor_pb2.ListAlertsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_monitor_pb2.ListAlertsResponse, _abc.Awaitable[_monitor_pb2.ListAlertsResponse]]:
+        """Alerts firing now and those resolved recently."""
+
+    @_abc_1.abstractmethod
+    def WatchAlerts(
+        self,
+        request: _monitor_pb2.WatchAlertsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_monitor_pb2.AlertTransition], _abc.AsyncIterator[_monitor_pb2.AlertTransition]]:
+        """Alert transitions as they happen; alerts already firing are sent first, marked replayed."""
 
 def add_MonitorServiceServicer_to_server(servicer: MonitorServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -1,8 +1,7 @@
-"""Product bugs the hostile-input fuzz found, one deterministic case each, as strict xfails.
+"""Bugs the hostile-input fuzz found, one deterministic regression test each (all fixed).
 
-Each states the answer the contract asks for. While the bug is there the test fails and is
-reported as XFAIL; once the bug is fixed it passes, strict=True turns that into a failure, and
-the xfail mark (and its entry in harness.KNOWN_BUGS, which the fuzz tolerates) should go.
+Each states the answer the contract asks for. A new finding goes here as a strict xfail (and into
+harness.KNOWN_BUGS, which the fuzz then tolerates) until it is fixed.
 """
 
 from __future__ import annotations
@@ -25,17 +24,12 @@ from services.monitor.service import MonitorService
 from services.monitor.settings import MonitorSettings
 from services.shared.server import ServiceHost
 from tests.fuzz import strategies as S
-from tests.fuzz.harness import KNOWN_BUGS, RPCS, Code, Rpc
+from tests.fuzz.harness import RPCS, Code, Rpc
 from tests.suite import Suite
 
 pytestmark = pytest.mark.fuzz
 
 INVALID = Code.INVALID_ARGUMENT
-
-
-def _xfail(key: str) -> pytest.MarkDecorator:
-    # raises=AssertionError: only the contract's assertion may fail, not the test's own set-up.
-    return pytest.mark.xfail(strict=True, raises=AssertionError, reason=f"product bug {key}: {KNOWN_BUGS[key].summary}")
 
 
 def _undecodable(rpc: Rpc) -> bytes:
@@ -152,7 +146,6 @@ async def _report_twice_then_query(report: Callable[[str], monitor_pb2.InstanceR
         await host.stop(grace_seconds=0)
 
 
-@_xfail("fleet-totals-overflow")
 async def test_concurrency_totals_beyond_int64_do_not_break_the_monitor() -> None:
     # Observed: INTERNAL "internal error; see the server log"; the log has
     #   services/monitor/servicer.py, in GetConcurrencyStats: return monitor_pb2.ConcurrencyStats(
@@ -166,7 +159,6 @@ async def test_concurrency_totals_beyond_int64_do_not_break_the_monitor() -> Non
     assert stats.active_sessions > 0
 
 
-@_xfail("fleet-totals-overflow")
 async def test_performance_totals_beyond_uint64_do_not_break_the_monitor() -> None:
     # Observed: INTERNAL; the log has services/monitor/servicer.py, in GetPerformanceSummary:
     #   monitor_pb2.MethodSummary(  ValueError: Value out of range: 18446744073709551616

@@ -1,0 +1,1 @@
+"""Deployment: Envoy configuration (deploy.envoy) and Kubernetes manifests (deploy.k8s), rendered from Python."""

@@ -1,0 +1,41 @@
+"""Envoy's configuration for Roundtable from one typed description (see deploy.envoy.config)."""
+
+from deploy.envoy.config import (
+    AGENT_SERVICE,
+    LOCAL_TUNING,
+    SESSION_ID_HEADER,
+    SESSION_SERVICE,
+    Endpoint,
+    GrpcService,
+    Listener,
+    Topology,
+    Tuning,
+    Upstream,
+    find_envoy,
+    kubernetes_topology,
+    local_topology,
+    render,
+    to_json,
+    validate_config,
+    write_config,
+)
+
+__all__ = [
+    "AGENT_SERVICE",
+    "LOCAL_TUNING",
+    "SESSION_ID_HEADER",
+    "SESSION_SERVICE",
+    "Endpoint",
+    "GrpcService",
+    "Listener",
+    "Topology",
+    "Tuning",
+    "Upstream",
+    "find_envoy",
+    "kubernetes_topology",
+    "local_topology",
+    "render",
+    "to_json",
+    "validate_config",
+    "write_config",
+]

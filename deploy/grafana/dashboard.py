@@ -1,0 +1,310 @@
+"""Builds deploy/grafana/roundtable.json with grafana-foundation-sdk: `python deploy/grafana/dashboard.py [--check]`."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import sys
+from dataclasses import dataclass
+
+from grafana_foundation_sdk.builders import dashboard, prometheus, stat, timeseries
+from grafana_foundation_sdk.cog.encoder import JSONEncoder
+from grafana_foundation_sdk.models.common import BigValueGraphMode
+from grafana_foundation_sdk.models.dashboard import Dashboard, DashboardCursorSync, DataSourceRef
+
+OUTPUT = pathlib.Path(__file__).resolve().parent / "roundtable.json"
+DATASOURCE = DataSourceRef(type_val="prometheus", uid="${datasource}")
+RATE = "$__rate_interval"
+# Scrape jobs are named roundtable-<service>, as deploy/prometheus/rules.yml expects.
+OURS = 'job=~"roundtable-.*"'
+# The agent service does not export roundtable_llm_* yet; once it does, set this and rebuild. The live
+# dashboard test (tests/deploy/test_live.py) then proves every queried metric exists.
+LLM_METRICS_EXPORTED = False
+
+
+@dataclass(frozen=True)
+class Query:
+    """One PromQL query of a panel and the legend of its series."""
+
+    expr: str
+    legend: str = ""
+
+
+def _targets(queries: list[Query]) -> list[prometheus.Dataquery]:
+    return [
+        prometheus.Dataquery().expr(query.expr).legend_format(query.legend or "__auto").ref_id(chr(ord("A") + index))
+        for index, query in enumerate(queries)
+    ]
+
+
+def graph(title: str, description: str, unit: str, queries: list[Query], width: int = 12) -> timeseries.Panel:
+    """A time series panel."""
+    return (
+        timeseries.Panel()
+        .title(title)
+        .description(description)
+        .datasource(DATASOURCE)
+        .unit(unit)
+        .targets(_targets(queries))  # type: ignore[arg-type]
+        .span(width)
+        .height(8)
+    )
+
+
+def single(title: str, description: str, unit: str, query: Query, width: int = 6) -> stat.Panel:
+    """A single-value panel with a sparkline."""
+    return (
+        stat.Panel()
+        .title(title)
+        .description(description)
+        .datasource(DATASOURCE)
+        .unit(unit)
+        .graph_mode(BigValueGraphMode.AREA)
+        .targets(_targets([query]))  # type: ignore[arg-type]
+        .span(width)
+        .height(8)
+    )
+
+
+def build() -> Dashboard:
+    """The Roundtable overview dashboard, every panel numbered."""
+    model = _board().build()
+    for panel_id, panel in enumerate(model.panels or [], start=1):
+        panel.id_val = panel_id
+    return model
+
+
+def _board() -> dashboard.Dashboard:
+    board = (
+        dashboard.Dashboard("Roundtable")
+        .uid("roundtable-overview")
+        .description("RPCs, discussions, agents and resources of the Roundtable services.")
+        .tags(["roundtable", "grpc"])
+        .refresh("30s")
+        .time("now-1h", "now")
+        .timezone("browser")
+        .tooltip(DashboardCursorSync.CROSSHAIR)
+        .with_variable(dashboard.DatasourceVariable("datasource").label("Data source").type("prometheus"))
+    )
+    board.with_row(dashboard.Row("RPCs"))
+    board.with_panel(
+        graph(
+            "RPC rate by method",
+            "Calls completed per second on every server, by method.",
+            "reqps",
+            [
+                Query(
+                    f"sum by (grpc_service, grpc_method) (rate(grpc_server_handled_total[{RATE}]))",
+                    "{{grpc_method}}",
+                )
+            ],
+        )
+    )
+    board.with_panel(
+        graph(
+            "Error ratio by method",
+            "Share of calls that ended with a code other than OK, by method.",
+            "percentunit",
+            [
+                Query(
+                    f'sum by (grpc_method) (rate(grpc_server_handled_total{{grpc_code!="OK"}}[{RATE}]))'
+                    f" / sum by (grpc_method) (rate(grpc_server_handled_total[{RATE}]))",
+                    "{{grpc_method}}",
+                )
+            ],
+        )
+    )
+    board.with_panel(
+        graph(
+            "p99 latency by method (unary)",
+            "99th percentile server-side latency of unary calls; streams last as long as a discussion.",
+            "s",
+            [
+                Query(
+                    "histogram_quantile(0.99, sum by (grpc_method, le) "
+                    f'(rate(grpc_server_handling_seconds_bucket{{grpc_type="unary"}}[{RATE}])))',
+                    "{{grpc_method}}",
+                )
+            ],
+        )
+    )
+    board.with_panel(
+        graph(
+            "Session → agents calls, p99",
+            "99th percentile latency of the session service's calls to the agent service, as the caller sees it.",
+            "s",
+            [
+                Query(
+                    "histogram_quantile(0.99, sum by (grpc_method, le) "
+                    f"(rate(grpc_client_handling_seconds_bucket[{RATE}])))",
+                    "{{grpc_method}}",
+                )
+            ],
+        )
+    )
+
+    board.with_row(dashboard.Row("Discussions"))
+    board.with_panel(
+        graph(
+            "Active and queued discussions",
+            "Discussions running and waiting for a slot, against the slots there are.",
+            "short",
+            [
+                Query("sum(roundtable_discussions_active)", "active"),
+                Query("sum(roundtable_discussions_queued)", "queued"),
+                Query("sum(roundtable_discussions_capacity)", "capacity"),
+            ],
+            width=18,
+        )
+    )
+    board.with_panel(
+        single(
+            "Saturation",
+            "Running discussions over capacity; past 90 % for 10 minutes RoundtableSaturated fires.",
+            "percentunit",
+            Query("sum(roundtable_discussions_active) / sum(roundtable_discussions_capacity)"),
+        )
+    )
+    board.with_panel(
+        graph(
+            "Discussions created and finished",
+            "Discussions accepted, finished by status, and expired, per second.",
+            "ops",
+            [
+                Query(f"sum(rate(roundtable_discussions_created_total[{RATE}]))", "created"),
+                Query(f"sum by (status) (rate(roundtable_discussions_finished_total[{RATE}]))", "{{status}}"),
+                Query(f"sum(rate(roundtable_discussions_expired_total[{RATE}]))", "expired"),
+            ],
+        )
+    )
+    board.with_panel(
+        graph(
+            "Admissions rejected by limit",
+            "Calls refused with RESOURCE_EXHAUSTED per second, by the limit that was reached.",
+            "ops",
+            [Query(f"sum by (limit) (rate(roundtable_admissions_rejected_total[{RATE}]))", "{{limit}}")],
+            width=6,
+        )
+    )
+    board.with_panel(
+        graph(
+            "Stream subscribers",
+            "StreamDiscussion calls open.",
+            "short",
+            [Query("sum(roundtable_stream_subscribers)", "subscribers")],
+            width=6,
+        )
+    )
+
+    board.with_row(dashboard.Row("Agents"))
+    board.with_panel(
+        graph(
+            "Live agent sets",
+            "Per-session agent sets held by the agent service.",
+            "short",
+            [Query("sum(roundtable_agent_sets_live)", "agent sets")],
+        )
+    )
+    board.with_panel(
+        graph(
+            "Monitor alerts firing",
+            "Alerts the monitor service has firing, by alert (ListAlerts names the method or instance).",
+            "short",
+            [Query("sum by (alert) (roundtable_fleet_alerts_firing)", "{{alert}}")],
+        )
+    )
+
+    if LLM_METRICS_EXPORTED:
+        _llm_row(board)
+
+    board.with_row(dashboard.Row("Resources"))
+    board.with_panel(
+        graph(
+            "CPU by process",
+            "CPU time per second of each service process; 100 % is one core.",
+            "percentunit",
+            [Query(f"rate(process_cpu_seconds_total{{{OURS}}}[{RATE}])", "{{job}} {{instance}}")],
+            width=8,
+        )
+    )
+    board.with_panel(
+        graph(
+            "Resident memory by process",
+            "Resident set size of each service process; RoundtableHighMemory fires past 2 GiB.",
+            "bytes",
+            [Query(f"process_resident_memory_bytes{{{OURS}}}", "{{job}} {{instance}}")],
+            width=8,
+        )
+    )
+    board.with_panel(
+        graph(
+            "Open file descriptors",
+            "Descriptors open against the process limit; per-session log files count here.",
+            "short",
+            [
+                Query(f"process_open_fds{{{OURS}}}", "{{job}} {{instance}} open"),
+                Query(f"process_max_fds{{{OURS}}}", "{{job}} {{instance}} limit"),
+            ],
+            width=8,
+        )
+    )
+    return board
+
+
+def _llm_row(board: dashboard.Dashboard) -> None:
+    board.with_row(dashboard.Row("LLM"))
+    board.with_panel(
+        graph(
+            "LLM request latency",
+            "Latency of one LLM call as the agent service sees it, retries included.",
+            "s",
+            [
+                Query(
+                    f"histogram_quantile({quantile}, sum by (le) "
+                    f"(rate(roundtable_llm_request_seconds_bucket[{RATE}])))",
+                    f"p{round(quantile * 100)}",
+                )
+                for quantile in (0.5, 0.99)
+            ],
+            width=8,
+        )
+    )
+    board.with_panel(
+        graph(
+            "LLM tokens by direction",
+            "Tokens sent to and received from the LLM per second.",
+            "short",
+            [Query(f"sum by (direction) (rate(roundtable_llm_tokens_total[{RATE}]))", "{{direction}}")],
+            width=8,
+        )
+    )
+    board.with_panel(
+        graph(
+            "LLM retries",
+            "LLM calls retried per second (429, 5xx, connection errors).",
+            "ops",
+            [Query(f"sum(rate(roundtable_llm_retries_total[{RATE}]))", "retries")],
+            width=8,
+        )
+    )
+
+
+def render() -> str:
+    """The dashboard as Grafana JSON."""
+    return json.dumps(build(), cls=JSONEncoder, indent=2, ensure_ascii=False) + "\n"
+
+
+def main(argv: list[str]) -> int:
+    """Write the dashboard, or with --check fail when the committed file is not what this builds."""
+    text = render()
+    if argv == ["--check"]:
+        if OUTPUT.read_text(encoding="utf-8") != text:
+            print(f"{OUTPUT} is stale: run python deploy/grafana/dashboard.py", file=sys.stderr)
+            return 1
+        return 0
+    OUTPUT.write_text(text, encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
