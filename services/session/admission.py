@@ -122,7 +122,7 @@ class MemoryAdmission:
     async def adopt(self, discussion_id: str, principal: str) -> bool:
         """Lease past the caps unless a live lease is held (one replica: only a restart adopts)."""
         self._expire_lapsed()
-        if discussion_id in self._leases:
+        if discussion_id in self._leases or discussion_id in self._queue:
             return False
         self._lease(discussion_id, principal)
         return True

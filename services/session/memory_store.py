@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import bisect
 
 from services.gen.roundtable.session.v1 import session_pb2
 from services.session.store import (
+    POLL_SECONDS,
     UNFINISHED_STATUSES,
     Discussion,
     DiscussionEvent,
+    DiscussionExists,
     DiscussionStatus,
     created_nanos,
     decode_page_token,
@@ -29,6 +32,9 @@ class MemoryStore:
 
     async def create(self, owner: str, discussion: Discussion) -> Discussion:
         """Insert, or return the owner's discussion with the same request_id."""
+        taken = self._discussions.get(discussion.discussion_id)
+        if taken is not None and not (discussion.request_id and taken.request_id == discussion.request_id):
+            raise DiscussionExists(discussion.discussion_id)
         if discussion.request_id:
             existing = self._requests.get((owner, discussion.request_id))
             if existing is not None and existing in self._discussions:
@@ -88,6 +94,11 @@ class MemoryStore:
         log = self._events.get(discussion_id, [])
         start = bisect.bisect_right(log, after_sequence, key=lambda e: e.sequence)
         return [_copy_event(e) for e in log[start : start + limit]]
+
+    async def wait_for_events(self, discussion_id: str, after_sequence: int, timeout_seconds: float) -> bool:
+        """Poll: only this process writes here, and its live readers are woken by the notifier instead."""
+        await asyncio.sleep(min(timeout_seconds, POLL_SECONDS))
+        return bool(await self.events_after(discussion_id, after_sequence, 1))
 
     async def list_page(
         self, owner: str, status: DiscussionStatus, page_size: int, page_token: str

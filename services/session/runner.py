@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TypeAlias
 
@@ -32,6 +33,10 @@ logger = logging.getLogger(__name__)
 
 Status: TypeAlias = session_pb2.DiscussionStatus.ValueType
 
+# A lost agent replica (connection reset, drained, ejected): its rounds can be re-run elsewhere.
+RETRYABLE_AGENT_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN})
+AGENT_ATTEMPTS = 4
+
 # stop() with this status leaves the discussion RUNNING in the store, to be resumed after a restart.
 SUSPEND: Status = session_pb2.DISCUSSION_STATUS_RUNNING
 
@@ -46,6 +51,8 @@ class LiveDiscussion:
     task: asyncio.Task[None] | None = None
     stop_status: Status = session_pb2.DISCUSSION_STATUS_UNSPECIFIED
     stop_reason: str = ""
+    # Its lease went to another replica: stop without writing anything more.
+    abandoned: bool = False
 
 
 def now_timestamp() -> timestamp_pb2.Timestamp:
@@ -81,6 +88,7 @@ class DiscussionRunner:
         # Given a slot by admission before their creator handed them over (see submit()).
         self._promoted_early: set[str] = set()
         self._heartbeat: asyncio.Task[None] | None = None
+        self._adopt_orphans: Callable[[], Awaitable[None]] | None = None
         DISCUSSIONS_ACTIVE.set_function(lambda: len(self.active))
         DISCUSSIONS_QUEUED.set_function(lambda: len(self.queued))
 
@@ -88,8 +96,9 @@ class DiscussionRunner:
         """The running or queued discussion, with the freshest document (the store's may lag by deltas)."""
         return self.active.get(discussion_id) or self.queued.get(discussion_id)
 
-    def start_heartbeat(self) -> None:
-        """Renew the leases of running discussions, and admit queued ones into lapsed slots."""
+    def start_heartbeat(self, adopt_orphans: Callable[[], Awaitable[None]] | None = None) -> None:
+        """Renew leases, admit queued discussions into lapsed slots, and (about once a ttl) adopt orphans."""
+        self._adopt_orphans = adopt_orphans
         self._heartbeat = asyncio.create_task(self._renew_leases(), name="admission-heartbeat")
 
     async def stop_heartbeat(self) -> None:
@@ -199,7 +208,7 @@ class DiscussionRunner:
             except asyncio.CancelledError:
                 if live.stop_status == session_pb2.DISCUSSION_STATUS_UNSPECIFIED:
                     raise  # not ours: the event loop is closing
-                if live.stop_status == SUSPEND:
+                if live.stop_status == SUSPEND or live.abandoned:
                     final = None
                 else:
                     cancel_running_results(doc)
@@ -218,6 +227,8 @@ class DiscussionRunner:
             try:
                 if final is not None:
                     await self._finish(live, final)
+                elif live.abandoned:
+                    logger.warning("stopped: another replica took this discussion over")
                 else:
                     await asyncio.shield(self._store.save(doc))
                     logger.info("suspended after round %d, to resume on restart", doc.completed_rounds)
@@ -233,6 +244,24 @@ class DiscussionRunner:
         logger.info("discussion ended: %s", session_pb2.DiscussionStatus.Name(final.status))
 
     async def _drive(self, live: LiveDiscussion) -> None:
+        """Run the rest of the discussion; if the agent replica is lost, re-run its round on another."""
+        for attempt in range(1, AGENT_ATTEMPTS + 1):
+            try:
+                await self._drive_once(live)
+                return
+            except grpc.aio.AioRpcError as error:
+                if error.code() not in RETRYABLE_AGENT_CODES or attempt == AGENT_ATTEMPTS:
+                    raise
+                logger.warning(
+                    "agent service lost mid-discussion (%s: %s); re-running from round %d, attempt %d",
+                    error.code().name,
+                    error.details(),
+                    live.doc.completed_rounds + 1,
+                    attempt + 1,
+                )
+                await asyncio.sleep(min(0.2 * 2**attempt, 2.0))
+
+    async def _drive_once(self, live: LiveDiscussion) -> None:
         doc = live.doc
         if doc.summary:
             return  # everything was done before the interruption but the final status
@@ -281,24 +310,27 @@ class DiscussionRunner:
         self._notifier.publish(doc.discussion_id, event.sequence)
 
     async def _renew_leases(self) -> None:
+        ticks = 0
         while True:
             await asyncio.sleep(self._lease_ttl_seconds / 3)
             with contextlib.suppress(Exception):
                 for discussion_id in list(self.active):
                     if not await self._admission.renew(discussion_id):
-                        # Its slot lapsed (the loop stalled past the ttl) and may be someone else's now.
-                        logger.warning("admission lease of %s lapsed; interrupting it", discussion_id)
-                        self._interrupt_later(discussion_id)
+                        # Its lease lapsed (this replica stalled past the ttl): another may own it now.
+                        logger.warning("admission lease of %s lapsed; giving the discussion up", discussion_id)
+                        self._abandon_later(discussion_id)
                 self.start_promoted(await self._admission.reap())
+                ticks += 1
+                if self._adopt_orphans is not None and ticks % 3 == 0:  # about once a ttl
+                    await self._adopt_orphans()
 
-    def _interrupt_later(self, discussion_id: str) -> None:
-        reason = "its admission lease lapsed"
-        task = asyncio.create_task(self.stop(discussion_id, session_pb2.DISCUSSION_STATUS_INTERRUPTED, reason))
-        _background.add(task)
-        task.add_done_callback(_background.discard)
-
-
-_background: set[asyncio.Task[bool]] = set()
+    def _abandon_later(self, discussion_id: str) -> None:
+        live = self.active.get(discussion_id)
+        if live is None or live.task is None:
+            return
+        live.abandoned = True
+        live.stop_status = SUSPEND
+        live.task.cancel()
 
 
 def _extend_expiry(doc: session_pb2.Discussion) -> None:

@@ -134,7 +134,10 @@ class SessionService:
             memory_watch=self.memory_watch,
         )
         await self._take_up_leftovers(self.runner)
-        self.runner.start_heartbeat()
+        runner = self.runner
+        # While running, only RUNNING discussions whose lease lapsed are orphans (their replica died);
+        # a queued one is still in some replica's queue.
+        self.runner.start_heartbeat(lambda: self._adopt_orphans(runner))
         self.sweeper = ExpirySweeper(
             store=self.store, runner=self.runner, interval_seconds=self.settings.cleanup_interval_seconds
         )
@@ -146,10 +149,14 @@ class SessionService:
             raise RuntimeError("start() must run before register()")
         session_pb2_grpc.add_SessionServiceServicer_to_server(self.servicer, server)
 
-    async def _take_up_leftovers(self, runner: DiscussionRunner) -> None:
+    async def _take_up_leftovers(self, runner: DiscussionRunner, running_only: bool = False) -> None:
         """Discussions a previous process left unfinished: resume or re-queue them, or mark them INTERRUPTED."""
         leftovers = sorted(await self.store.unfinished(), key=lambda d: d.created_at.ToNanoseconds())
         for doc in leftovers:
+            if runner.live(doc.discussion_id) is not None:
+                continue  # ours, running or queued
+            if running_only and doc.status != session_pb2.DISCUSSION_STATUS_RUNNING:
+                continue
             owner = await self.store.owner(doc.discussion_id) or ""
             # With a shared store another replica may still be running it: take only what nobody holds.
             if not await self.admission.adopt(doc.discussion_id, owner):
@@ -167,6 +174,11 @@ class SessionService:
                 await runner.settle(doc, session_pb2.DISCUSSION_STATUS_INTERRUPTED, STOP_REASON)
                 await self.admission.release(doc.discussion_id)
                 logger.warning("discussion %s was cut short by a stop: INTERRUPTED", doc.discussion_id)
+
+    async def _adopt_orphans(self, runner: DiscussionRunner) -> None:
+        # Not while draining: what this replica suspends is for another replica (or its restart).
+        if self.servicer is not None and self.servicer.accepting:
+            await self._take_up_leftovers(runner, running_only=True)
 
     async def _catch_up(self, doc: session_pb2.Discussion) -> None:
         """Fold in events recorded after the document was last saved (text deltas, or a save cut off)."""

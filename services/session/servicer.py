@@ -20,8 +20,15 @@ from services.session.personas import PersonaCatalog
 from services.session.rate_limit import RateLimiter
 from services.session.runner import DiscussionRunner, is_terminal, now_timestamp
 from services.session.settings import SessionSettings
-from services.session.store import InvalidPageToken, Store, created_nanos, encode_page_token
-from services.shared.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, Unavailable
+from services.session.store import DiscussionExists, InvalidPageToken, Store, created_nanos, encode_page_token
+from services.shared.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    Unavailable,
+)
 from services.shared.session_logs import remove_session_log
 
 logger = logging.getLogger(__name__)
@@ -85,7 +92,7 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
         if self._memory is not None:
             self._memory.check()
         await self._check_retention(owner)
-        discussion_id = secrets.token_hex(16)
+        discussion_id = await self._new_id(context, owner, request_id)
         admitted = await self._admission.admit(discussion_id, owner)
         submitted = False
         try:
@@ -104,7 +111,12 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
             )
             doc.ttl.FromNanoseconds(int(ttl_seconds * 1e9))
             doc.expires_at.FromNanoseconds(now.ToNanoseconds() + doc.ttl.ToNanoseconds())
-            stored = await self._store.create(owner, doc)
+            try:
+                stored = await self._store.create(owner, doc)
+            except DiscussionExists as taken:
+                raise AlreadyExists(
+                    f"discussion id {discussion_id} (x-session-id) is taken; propose another"
+                ) from taken
             if stored.discussion_id != doc.discussion_id:
                 live = self._runner.live(stored.discussion_id)  # idempotent replay
                 return _copy(live.doc) if live is not None else stored
@@ -154,13 +166,17 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
                     return
             if events:
                 continue
-            if self._runner.live(discussion_id) is None:
-                # Not live here: everything it will have (until a restart resumes it) is in the store.
-                # One last look covers events written between the read above and the runner finishing.
-                if not await self._store.events_after(discussion_id, last, 1):
-                    return
+            if self._runner.live(discussion_id) is not None:
+                await self._notifier.wait_beyond(discussion_id, last, STREAM_POLL_SECONDS)
                 continue
-            await self._notifier.wait_beyond(discussion_id, last, STREAM_POLL_SECONDS)
+            # Not live here. Another replica may be running it (shared store): follow the store.
+            doc = await self._store.get(discussion_id)
+            if doc is None:
+                return  # deleted meanwhile
+            if is_terminal(doc.status) and not await self._store.events_after(discussion_id, last, 1):
+                return  # one last look covers events written just before it ended
+            if not is_terminal(doc.status):
+                await self._store.wait_for_events(discussion_id, last, STREAM_POLL_SECONDS)
 
     async def CancelDiscussion(
         self, request: session_pb2.CancelDiscussionRequest, context: grpc.aio.ServicerContext
@@ -219,6 +235,22 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
         await self._runner.release_agents(doc.discussion_id)
         remove_session_log(doc.discussion_id)
         return session_pb2.DeleteDiscussionResponse()
+
+    async def _new_id(self, context: grpc.aio.ServicerContext, owner: str, request_id: str) -> str:
+        """A fresh id, or the one the client proposed in x-session-id (so a load balancer hashing on it
+        sends the create to the replica that will serve the rest of the discussion)."""
+        proposed = next((v for k, v in context.invocation_metadata() or () if k == "x-session-id"), None)
+        if proposed is None:
+            return secrets.token_hex(16)
+        text = proposed.decode(errors="replace") if isinstance(proposed, bytes) else proposed
+        if not validation.DISCUSSION_ID.fullmatch(text):
+            raise InvalidArgument(
+                "x-session-id must be 32 lowercase hex characters to name a new discussion", "x-session-id"
+            )
+        existing = await self._store.get(text)
+        if existing is not None and not (request_id and existing.request_id == request_id):
+            raise AlreadyExists(f"discussion id {text} (x-session-id) is taken; propose another")
+        return text
 
     async def _caller(self, context: grpc.aio.ServicerContext, cost: int) -> str:
         """The authenticated principal, after charging the call to its rate limit."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import pathlib
 import sqlite3
 from typing import Any
@@ -11,9 +12,11 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from services.gen.roundtable.session.v1 import session_pb2
 from services.session.store import (
+    POLL_SECONDS,
     UNFINISHED_STATUSES,
     Discussion,
     DiscussionEvent,
+    DiscussionExists,
     DiscussionStatus,
     created_nanos,
     decode_page_token,
@@ -98,7 +101,7 @@ class SqliteStore:
             ) as cursor:
                 row = await cursor.fetchone()
             if row is None:
-                raise
+                raise DiscussionExists(discussion.discussion_id) from None
             return _document(row)
         return discussion
 
@@ -164,6 +167,11 @@ class SqliteStore:
         ) as cursor:
             rows = await cursor.fetchall()
         return [DiscussionEvent.FromString(row[0]) for row in rows]
+
+    async def wait_for_events(self, discussion_id: str, after_sequence: int, timeout_seconds: float) -> bool:
+        """Poll: only this process writes here, and its live readers are woken by the notifier instead."""
+        await asyncio.sleep(min(timeout_seconds, POLL_SECONDS))
+        return bool(await self.events_after(discussion_id, after_sequence, 1))
 
     async def list_page(
         self, owner: str, status: DiscussionStatus, page_size: int, page_token: str

@@ -16,6 +16,9 @@ DiscussionEvent = session_pb2.DiscussionEvent
 # The enum's value type: what a status field holds.
 DiscussionStatus: TypeAlias = session_pb2.DiscussionStatus.ValueType
 
+# How often a reader polls a store that cannot block until an event arrives.
+POLL_SECONDS = 0.5
+
 TERMINAL_STATUSES = frozenset(
     {
         session_pb2.DISCUSSION_STATUS_COMPLETED,
@@ -59,6 +62,10 @@ class Store(Protocol):
         """Up to `limit` events with sequence > after_sequence, in order."""
         ...
 
+    async def wait_for_events(self, discussion_id: str, after_sequence: int, timeout_seconds: float) -> bool:
+        """Block until an event past after_sequence exists (recorded by any replica); False after the timeout."""
+        ...
+
     async def list_page(
         self, owner: str, status: DiscussionStatus, page_size: int, page_token: str
     ) -> tuple[list[Discussion], str]:
@@ -84,6 +91,10 @@ class Store(Protocol):
     async def close(self) -> None:
         """Flush and release resources."""
         ...
+
+
+class DiscussionExists(ValueError):
+    """create() was given an id that is taken (a client-proposed id used twice)."""
 
 
 class InvalidPageToken(ValueError):

@@ -50,6 +50,12 @@ class Unauthenticated(RoundtableError):
     code = grpc.StatusCode.UNAUTHENTICATED
 
 
+class AlreadyExists(RoundtableError):
+    """The name the client proposed is taken."""
+
+    code = grpc.StatusCode.ALREADY_EXISTS
+
+
 class NotFound(RoundtableError):
     """The named thing does not exist (or is not the caller's)."""
 

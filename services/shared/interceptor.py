@@ -17,6 +17,8 @@ from services.shared.errors import InvalidArgument, RoundtableError, to_grpc_sta
 
 logger = logging.getLogger(__name__)
 
+INSTANCE_METADATA_KEY = "x-roundtable-instance"
+
 Continuation = Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler | None]]
 
 
@@ -78,8 +80,10 @@ async def _abort(context: grpc.aio.ServicerContext, error: RoundtableError) -> N
 class ServerInterceptor(grpc.aio.ServerInterceptor):
     """Counts and times every RPC and turns RoundtableError into its status with details."""
 
-    def __init__(self) -> None:
+    def __init__(self, instance_id: str = "") -> None:
         self._wrapped: dict[str, grpc.RpcMethodHandler] = {}
+        # Sent back in trailing metadata: which replica served a call (affinity checks, debugging).
+        self._instance = ((INSTANCE_METADATA_KEY, instance_id),) if instance_id else ()
 
     async def intercept_service(
         self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
@@ -131,6 +135,8 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
             started = time.perf_counter()
             code = grpc.StatusCode.UNKNOWN
             try:
+                if self._instance:
+                    context.set_trailing_metadata(self._instance)
                 if isinstance(request, Undecodable):
                     raise request.error
                 response = await behavior(request, context)
@@ -168,6 +174,8 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
             started = time.perf_counter()
             code = grpc.StatusCode.UNKNOWN
             try:
+                if self._instance:
+                    context.set_trailing_metadata(self._instance)
                 if isinstance(request, Undecodable):
                     raise request.error
                 async for response in behavior(request, context):

@@ -65,7 +65,9 @@ class ServiceHost:
         self.settings = settings
         self.service = service
         self.health = health.aio.HealthServicer()
-        self.server = grpc.aio.server(interceptors=[ServerInterceptor()], options=server_options(settings))
+        self.server = grpc.aio.server(
+            interceptors=[ServerInterceptor(settings.instance_id)], options=server_options(settings)
+        )
         self.port = 0
         self.metrics: MetricsServer | None = None
         self._reporter: MonitorReporter | None = None
