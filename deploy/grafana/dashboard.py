@@ -17,9 +17,9 @@ DATASOURCE = DataSourceRef(type_val="prometheus", uid="${datasource}")
 RATE = "$__rate_interval"
 # Scrape jobs are named roundtable-<service>, as deploy/prometheus/rules.yml expects.
 OURS = 'job=~"roundtable-.*"'
-# The agent service does not export roundtable_llm_* yet; once it does, set this and rebuild. The live
-# dashboard test (tests/deploy/test_live.py) then proves every queried metric exists.
-LLM_METRICS_EXPORTED = False
+# The agent service exports roundtable_llm_* (services/agents/metrics.py). The live dashboard test
+# (tests/deploy/test_live.py) proves every queried metric exists in a real scrape.
+LLM_METRICS_EXPORTED = True
 
 
 @dataclass(frozen=True)
@@ -213,6 +213,25 @@ def _board() -> dashboard.Dashboard:
             [Query("sum by (alert) (roundtable_fleet_alerts_firing)", "{{alert}}")],
         )
     )
+    board.with_panel(
+        graph(
+            "Agent answers by outcome",
+            "Answers per second (one per agent per round, summaries included): completed, failed, cancelled.",
+            "ops",
+            [Query(f"sum by (outcome) (rate(roundtable_agent_runs_total[{RATE}]))", "{{outcome}}")],
+        )
+    )
+    board.with_panel(
+        graph(
+            "Agent sets created and released",
+            "Per-session agent sets created and dropped (released, expired or evicted) per second.",
+            "ops",
+            [
+                Query(f"sum(rate(roundtable_agent_sets_created_total[{RATE}]))", "created"),
+                Query(f"sum(rate(roundtable_agent_sets_released_total[{RATE}]))", "released"),
+            ],
+        )
+    )
 
     if LLM_METRICS_EXPORTED:
         _llm_row(board)
@@ -281,10 +300,29 @@ def _llm_row(board: dashboard.Dashboard) -> None:
     board.with_panel(
         graph(
             "LLM retries",
-            "LLM calls retried per second (429, 5xx, connection errors).",
+            "LLM requests the SDK sent again per second (429, 5xx, timeouts, connection errors).",
             "ops",
             [Query(f"sum(rate(roundtable_llm_retries_total[{RATE}]))", "retries")],
             width=8,
+        )
+    )
+    board.with_panel(
+        graph(
+            "LLM calls by outcome",
+            "LLM calls ended per second: ok, error (retries spent), timeout, cancelled.",
+            "ops",
+            [Query(f"sum by (outcome) (rate(roundtable_llm_request_seconds_count[{RATE}]))", "{{outcome}}")],
+        )
+    )
+    board.with_panel(
+        graph(
+            "LLM calls in flight and waiting",
+            "Calls holding an outbound slot, and calls queued for one (--max-concurrent-llm-calls).",
+            "short",
+            [
+                Query("sum(roundtable_llm_calls_in_flight)", "in flight"),
+                Query("sum(roundtable_llm_calls_waiting)", "waiting"),
+            ],
         )
     )
 

@@ -13,6 +13,7 @@ import uuid
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
+from services.agents import metrics
 from services.agents.llm import ChatMessage
 from services.agents.personas import Persona
 
@@ -67,6 +68,7 @@ class AgentSetRegistry:
             agent_set = AgentSet(session_id=session_id, agents={})
             self._sets[session_id] = agent_set
             self.created_total += 1
+            metrics.AGENT_SETS_CREATED.inc()
         else:
             self._sets.move_to_end(session_id)
             if agent_set.release_handle is not None:
@@ -84,6 +86,7 @@ class AgentSetRegistry:
         if agent_set.release_handle is not None:
             agent_set.release_handle.cancel()
         self.released_total += 1
+        metrics.AGENT_SETS_RELEASED.inc()
         return True
 
     def release_later(self, session_id: str, delay_seconds: float) -> None:

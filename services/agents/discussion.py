@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import openai
 
-from services.agents import prompts
+from services.agents import metrics, prompts
 from services.agents.agent_set import Agent, AgentSet
 from services.agents.llm import ChatMessage, LLMCallTimeout, LLMClient
 from services.gen.roundtable.agents.v1 import agents_pb2
@@ -143,7 +143,20 @@ class DiscussionRun:
             logger.warning("the moderator's summary failed")
 
     async def _call(self, agent: Agent, round_number: int, user_prompt: str, summary: bool = False) -> str | None:
-        """One agent's answer for one round; emits started/delta/completed or failed. None on failure."""
+        """One agent's answer for one round, counted once by how it ended. None on failure."""
+        try:
+            text = await self._answer(agent, round_number, user_prompt, summary)
+        except asyncio.CancelledError:
+            metrics.AGENT_RUNS_CANCELLED.inc()
+            raise
+        except Exception:
+            metrics.AGENT_RUNS_FAILED.inc()
+            raise
+        (metrics.AGENT_RUNS_FAILED if text is None else metrics.AGENT_RUNS_COMPLETED).inc()
+        return text
+
+    async def _answer(self, agent: Agent, round_number: int, user_prompt: str, summary: bool) -> str | None:
+        """Emit started, deltas and completed (or failed) for one answer; None on failure."""
         name = agent.persona.name
         with session_context(self._set.session_id, name):
             if self._token_budget and self.tokens_spent >= self._token_budget:

@@ -5,6 +5,8 @@ connection errors it waits what retry-after-ms or Retry-After says when that is
 between 0 and 120 s (and does not retry past 120 s), else 0.5 s × 2^n capped at
 8 s with up to 25 % jitter. Its `timeout` bounds each attempt and each read,
 not the whole call, so this module bounds the whole call, retries included.
+The SDK's retries are counted from the requests it sends (an httpx request hook),
+each call's time and outcome once it ends (services.agents.metrics).
 """
 
 from __future__ import annotations
@@ -13,12 +15,16 @@ import asyncio
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
-from typing import Protocol, cast
+from typing import TYPE_CHECKING, Protocol, cast
 
 import openai
 from openai.types.chat import ChatCompletionMessageParam
 
+from services.agents import metrics
 from services.gen.roundtable.common.v1 import discussion_pb2
+
+if TYPE_CHECKING:
+    import httpx2
 
 
 @dataclass(frozen=True)
@@ -59,6 +65,9 @@ class Backend:
 
 # The service's own backend and settings.
 DEFAULT_OPTIONS = CallOptions()
+
+# The header in which the openai SDK numbers the attempts of one call (0, then 1, 2, … for its retries).
+RETRY_COUNT_HEADER = "x-stainless-retry-count"
 
 
 class LLMCallTimeout(TimeoutError):
@@ -120,14 +129,20 @@ class OpenAIChatClient:
         """Stream one completion; raises openai.APIError when retries are spent, LLMCallTimeout when time is."""
         client = self._clients[options.backend] if options.backend else self._default_client
         _, model = self.describe(options)
-        async with self._slots:
+        with metrics.LLM_CALLS_WAITING.track_inprogress():
+            await self._slots.acquire()
+        # From here on the call holds a slot: it is in flight, and observed once however it ends.
+        started = time.monotonic()
+        outcome = metrics.LLM_REQUEST_ERROR
+        self.in_flight += 1
+        metrics.LLM_CALLS_IN_FLIGHT.inc()
+        try:
             # The time starts once a slot is ours (queueing is not the provider's slowness), but the
             # caller's deadline (time.monotonic) bounds the queue and the call alike.
             budget = timeout_seconds if deadline is None else min(timeout_seconds, deadline - time.monotonic())
             if budget <= 0:
                 raise LLMCallTimeout("the caller's deadline passed before the LLM call could start")
             expires = asyncio.get_running_loop().time() + budget
-            self.in_flight += 1
             try:
                 # Each await is bounded on its own: a timeout scope must never span a yield.
                 async with asyncio.timeout_at(expires):
@@ -158,19 +173,32 @@ class OpenAIChatClient:
                             yield ChatChunk(text=chunk.choices[0].delta.content)
                         if chunk.usage is not None:
                             usage_sent = True
-                            yield ChatChunk(
-                                usage=discussion_pb2.TokenUsage(
-                                    prompt_tokens=chunk.usage.prompt_tokens,
-                                    completion_tokens=chunk.usage.completion_tokens,
-                                    total_tokens=chunk.usage.total_tokens,
-                                )
+                            usage = discussion_pb2.TokenUsage(
+                                prompt_tokens=chunk.usage.prompt_tokens,
+                                completion_tokens=chunk.usage.completion_tokens,
+                                total_tokens=chunk.usage.total_tokens,
                             )
+                            _count_tokens(usage)
+                            yield ChatChunk(usage=usage)
                 if not usage_sent:
-                    yield ChatChunk(usage=_estimated_usage(messages, pieces))
+                    usage = _estimated_usage(messages, pieces)
+                    _count_tokens(usage)
+                    yield ChatChunk(usage=usage)
             except (TimeoutError, openai.APITimeoutError) as error:
                 raise LLMCallTimeout(f"LLM call timed out after {budget:.1f} s") from error
-            finally:
-                self.in_flight -= 1
+            outcome = metrics.LLM_REQUEST_OK
+        except LLMCallTimeout:
+            outcome = metrics.LLM_REQUEST_TIMEOUT
+            raise
+        except (asyncio.CancelledError, GeneratorExit):
+            # Cancelled by the caller, or the caller closed the stream before its end.
+            outcome = metrics.LLM_REQUEST_CANCELLED
+            raise
+        finally:
+            outcome.observe(time.monotonic() - started)
+            metrics.LLM_CALLS_IN_FLIGHT.dec()
+            self.in_flight -= 1
+            self._slots.release()
 
     async def close(self) -> None:
         """Close every HTTP connection pool."""
@@ -180,7 +208,26 @@ class OpenAIChatClient:
 
 
 def _client(backend: Backend, max_retries: int) -> openai.AsyncOpenAI:
-    return openai.AsyncOpenAI(base_url=backend.base_url, api_key=backend.api_key, max_retries=max_retries)
+    # The SDK's own HTTP client defaults (timeout, pool limits, redirects), plus a hook on every attempt it sends.
+    http_client = openai.DefaultAsyncHttpxClient(event_hooks={"request": [_count_retry]})
+    return openai.AsyncOpenAI(
+        base_url=backend.base_url, api_key=backend.api_key, max_retries=max_retries, http_client=http_client
+    )
+
+
+async def _count_retry(request: httpx2.Request) -> None:
+    """Count the attempts the SDK sends again: it numbers each one in x-stainless-retry-count, 0 the first."""
+    try:
+        retried = int(request.headers.get(RETRY_COUNT_HEADER, "0")) > 0
+    except ValueError:
+        retried = False
+    if retried:
+        metrics.LLM_RETRIES.inc()
+
+
+def _count_tokens(usage: discussion_pb2.TokenUsage) -> None:
+    metrics.LLM_PROMPT_TOKENS.inc(usage.prompt_tokens)
+    metrics.LLM_COMPLETION_TOKENS.inc(usage.completion_tokens)
 
 
 def _estimated_usage(messages: Sequence[ChatMessage], pieces: int) -> discussion_pb2.TokenUsage:

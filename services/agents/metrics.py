@@ -1,0 +1,55 @@
+"""The agent service's domain metrics (roundtable_llm_*, roundtable_agent_*): base units, never a session label.
+
+Label values come only from the fixed sets below, never from a session id, topic, principal or persona,
+so the number of series stays the same however many discussions run. Each labelled child is resolved
+here once, which also exports it (at 0) before its first event.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+# An LLM call takes from a few tens of milliseconds (a cached answer) to --llm-timeout-seconds (120 s).
+LLM_REQUEST_BUCKETS_SECONDS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160)
+
+LLM_REQUEST_SECONDS = Histogram(
+    "roundtable_llm_request_seconds",
+    "Time of one LLM call from when it holds an outbound slot to its last chunk, retries included, by outcome.",
+    ["outcome"],
+    buckets=LLM_REQUEST_BUCKETS_SECONDS,
+)
+LLM_REQUEST_OK = LLM_REQUEST_SECONDS.labels(outcome="ok")
+LLM_REQUEST_ERROR = LLM_REQUEST_SECONDS.labels(outcome="error")
+LLM_REQUEST_TIMEOUT = LLM_REQUEST_SECONDS.labels(outcome="timeout")
+LLM_REQUEST_CANCELLED = LLM_REQUEST_SECONDS.labels(outcome="cancelled")
+
+LLM_TOKENS = Counter(
+    "roundtable_llm_tokens_total",
+    "Tokens of LLM calls as the provider reports them (estimated where it reports none), by direction.",
+    ["direction"],
+)
+LLM_PROMPT_TOKENS = LLM_TOKENS.labels(direction="prompt")
+LLM_COMPLETION_TOKENS = LLM_TOKENS.labels(direction="completion")
+
+LLM_RETRIES = Counter(
+    "roundtable_llm_retries_total",
+    "LLM HTTP requests the openai SDK sent again after a 408/409/429/5xx, a timeout or a connection error.",
+)
+LLM_CALLS_IN_FLIGHT = Gauge("roundtable_llm_calls_in_flight", "LLM calls holding an outbound slot on this replica.")
+LLM_CALLS_WAITING = Gauge(
+    "roundtable_llm_calls_waiting", "LLM calls waiting for an outbound slot (--max-concurrent-llm-calls)."
+)
+
+AGENT_RUNS = Counter(
+    "roundtable_agent_runs_total",
+    "Agent answers (one per agent per round, the moderator's summary included), by outcome.",
+    ["outcome"],
+)
+AGENT_RUNS_COMPLETED = AGENT_RUNS.labels(outcome="completed")
+AGENT_RUNS_FAILED = AGENT_RUNS.labels(outcome="failed")
+AGENT_RUNS_CANCELLED = AGENT_RUNS.labels(outcome="cancelled")
+
+AGENT_SETS_CREATED = Counter("roundtable_agent_sets_created_total", "Per-session agent sets created on this replica.")
+AGENT_SETS_RELEASED = Counter(
+    "roundtable_agent_sets_released_total", "Per-session agent sets dropped (released, expired or evicted)."
+)
