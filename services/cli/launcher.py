@@ -8,6 +8,7 @@ import os
 import pathlib
 import signal
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from services.agents import local_model
@@ -44,7 +45,9 @@ class Addresses:
     local_model_port: int = 50061
 
 
-async def _start(name: str, args: list[str], env: dict[str, str], log_dir: pathlib.Path) -> Child:
+async def start_service(
+    name: str, args: list[str], env: dict[str, str], log_dir: pathlib.Path, cwd: pathlib.Path | None = None
+) -> Child:
     """Start a service module, its log going to a file, and wait for its 'listening on' line."""
     log_path = log_dir / f"{name}.log"
     with log_path.open("ab") as log:
@@ -53,21 +56,30 @@ async def _start(name: str, args: list[str], env: dict[str, str], log_dir: pathl
             stdout=asyncio.subprocess.PIPE,
             stderr=log,
             env=env,
+            cwd=cwd,
         )
     child = Child(name=name, process=process, log_path=log_path)
     assert process.stdout is not None
-    async with asyncio.timeout(READY_TIMEOUT_SECONDS):
-        while True:
-            line = (await process.stdout.readline()).decode()
-            if not line:
-                tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-15:])
-                raise RuntimeError(f"{name} exited during start-up (code {await process.wait()}):\n{tail}")
-            if " listening on " in line:
-                words = line.split()
-                child.address = words[words.index("on") + 1]
-                if "metrics" in words:
-                    child.metrics_port = words[words.index("metrics") + 1]
-                break
+    try:
+        async with asyncio.timeout(READY_TIMEOUT_SECONDS):
+            while True:
+                line = (await process.stdout.readline()).decode()
+                if not line:
+                    raise RuntimeError(
+                        f"{name} exited during start-up (code {await process.wait()}):\n{log_tail(log_path)}"
+                    )
+                if " listening on " in line:
+                    words = line.split()
+                    child.address = words[words.index("on") + 1]
+                    if "metrics" in words:
+                        child.metrics_port = words[words.index("metrics") + 1]
+                    break
+    except BaseException:
+        # Not yet in anyone's list of children: nobody else would stop it.
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+        raise
     # Keep draining stdout so a chatty child never blocks on a full pipe.
     child.drain = asyncio.create_task(_drain(process.stdout), name=f"drain-{name}")
     return child
@@ -109,6 +121,50 @@ async def _drain(stream: asyncio.StreamReader) -> None:
         pass
 
 
+async def start_llm(
+    llm: str,
+    simulator_port: int,
+    local_model_port: int,
+    env: dict[str, str],
+    log_dir: pathlib.Path,
+    max_tokens: int | None = None,
+    simulator_args: Sequence[str] = (),
+) -> tuple[list[Child], list[str]]:
+    """Start the LLM backend `llm` names (none for `openai`); its process and the agent service's flags for it.
+
+    `auto` runs the local model when it is installed and answers a one-token check, and
+    otherwise falls back to the simulator, saying so loudly.
+    """
+    children: list[Child] = []
+    llm_args: list[str] = []
+    if llm in ("auto", "local"):
+        local, reason = await _start_local_model(local_model_port, log_dir)
+        if local is not None:
+            children.append(local)
+            llm_args = [
+                "--llm-backend", "local",
+                "--llm-base-url", local.address,
+                "--llm-model", local_model.MODEL_NAME,
+                "--llm-max-tokens", str(max_tokens or LOCAL_MAX_TOKENS),
+            ]  # fmt: skip
+        elif llm == "local":
+            raise RuntimeError(reason)
+        else:
+            _announce_fallback(reason)
+            llm = "sim"
+    if llm == "sim":
+        sim = await start_service(
+            "simulator", ["services.simulator", "--port", str(simulator_port), *simulator_args], env, log_dir
+        )
+        children.append(sim)
+        llm_args = [
+            "--llm-base-url", sim.address,
+            "--llm-backend", "simulator",
+            "--llm-max-tokens", str(max_tokens or SIMULATOR_MAX_TOKENS),
+        ]  # fmt: skip
+    return children, llm_args
+
+
 async def start_suite(
     addresses: Addresses,
     llm: str,
@@ -127,33 +183,11 @@ async def start_suite(
     log_dir.mkdir(parents=True, exist_ok=True)  # noqa: ASYNC240 - once, before any service runs
     children: list[Child] = []
     try:
-        llm_env: list[str] = []
-        if llm in ("auto", "local"):
-            local, reason = await _start_local_model(addresses.local_model_port, log_dir)
-            if local is not None:
-                children.append(local)
-                llm_env = [
-                    "--llm-backend", "local",
-                    "--llm-base-url", local.address,
-                    "--llm-model", local_model.MODEL_NAME,
-                    "--llm-max-tokens", str(max_tokens or LOCAL_MAX_TOKENS),
-                ]  # fmt: skip
-            elif llm == "local":
-                raise RuntimeError(reason)
-            else:
-                _announce_fallback(reason)
-                llm = "sim"
-        if llm == "sim":
-            sim = await _start(
-                "simulator", ["services.simulator", "--port", str(addresses.simulator_port)], env, log_dir
-            )
-            children.append(sim)
-            llm_env = [
-                "--llm-base-url", sim.address,
-                "--llm-backend", "simulator",
-                "--llm-max-tokens", str(max_tokens or SIMULATOR_MAX_TOKENS),
-            ]  # fmt: skip
-        monitor = await _start(
+        backend, llm_env = await start_llm(
+            llm, addresses.simulator_port, addresses.local_model_port, env, log_dir, max_tokens
+        )
+        children.extend(backend)
+        monitor = await start_service(
             "monitor",
             ["services.monitor", "--port", _port(addresses.monitor), "--metrics-port", str(addresses.metrics_ports[2])],
             env,
@@ -161,7 +195,7 @@ async def start_suite(
         )
         children.append(monitor)
         common = ["--monitor-address", monitor.address]
-        agents = await _start(
+        agents = await start_service(
             "agents",
             [
                 "services.agents",
@@ -176,7 +210,7 @@ async def start_suite(
             log_dir,
         )
         children.append(agents)
-        session = await _start(
+        session = await start_service(
             "session",
             [
                 "services.session",
@@ -198,6 +232,20 @@ async def start_suite(
         await stop_suite(children)
         raise
     return children
+
+
+async def stop_together(children: Sequence[Child], grace_seconds: float = 15.0) -> None:
+    """SIGTERM to all of them at once (replicas of one tier), then wait; SIGKILL stragglers."""
+    await asyncio.gather(*(stop_suite([child], grace_seconds) for child in children))
+
+
+def log_tail(path: pathlib.Path, lines: int = 15) -> str:
+    """The end of a log file, for error messages."""
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return ""
+    return "\n".join(text.splitlines()[-lines:])
 
 
 async def stop_suite(children: list[Child], grace_seconds: float = 15.0) -> None:

@@ -18,7 +18,7 @@ import redis.asyncio as redis
 from redis.asyncio.client import Pipeline
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, ReadOnlyError
+from redis.exceptions import NoScriptError, OutOfMemoryError, ReadOnlyError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 
@@ -77,10 +77,10 @@ def blocking_twin(client: Client, extra_timeout_seconds: float) -> Client:
 
 @contextlib.contextmanager
 def unavailable_on_failure(operation: str) -> Iterator[None]:
-    """Turn connection errors, timeouts and a read-only replica into RedisUnavailable naming the operation."""
+    """Turn connection errors, timeouts, a read-only replica and a full Redis into RedisUnavailable."""
     try:
         yield
-    except (RedisConnectionError, RedisTimeoutError, ReadOnlyError) as error:
+    except (RedisConnectionError, RedisTimeoutError, ReadOnlyError, OutOfMemoryError) as error:
         raise RedisUnavailable(f"Redis is unavailable ({operation}): {error}") from error
 
 

@@ -302,11 +302,20 @@ class DiscussionRunner:
             **payload,  # type: ignore[arg-type]
         )
         apply_event(doc, event)
-        # Shielded: a cancel arriving mid-write must not leave a gap in the sequence.
-        await asyncio.shield(self._store.append_events([event]))
-        if event.WhichOneof("event") != "agent_delta":
+        kind = event.WhichOneof("event")
+        if kind != "agent_delta":
             _extend_expiry(doc)
+        # Shielded: a cancel arriving mid-write must not leave a gap in the sequence. The terminal
+        # status is saved before its event is appended, so whoever sees the end in the event log
+        # (a reader on another replica) reads a finished document too; other events go log first,
+        # so a document never claims an event the log lacks.
+        if kind == "status_changed" and is_terminal(event.status_changed.status):
             await asyncio.shield(self._store.save(doc))
+            await asyncio.shield(self._store.append_events([event]))
+        else:
+            await asyncio.shield(self._store.append_events([event]))
+            if kind != "agent_delta":
+                await asyncio.shield(self._store.save(doc))
         self._notifier.publish(doc.discussion_id, event.sequence)
 
     async def _renew_leases(self) -> None:

@@ -164,8 +164,8 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
                 last = event.sequence
                 if event.WhichOneof("event") == "status_changed" and is_terminal(event.status_changed.status):
                     return
-            if events:
-                continue
+            if len(events) == EVENTS_PER_READ:
+                continue  # more may be waiting; otherwise go straight to waiting for the next
             if self._runner.live(discussion_id) is not None:
                 await self._notifier.wait_beyond(discussion_id, last, STREAM_POLL_SECONDS)
                 continue
