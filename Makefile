@@ -7,7 +7,7 @@ INSTALLED := $(VENV)/.installed
 LLM ?= auto
 TOPIC ?=
 
-.PHONY: run test lint protos check-protos setup clean local-model
+.PHONY: run test lint protos check-protos setup clean local-model bench bench-smoke
 
 $(INSTALLED): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -50,6 +50,14 @@ lint: setup
 
 test: setup check-protos lint
 	$(BIN)/python -m pytest
+
+## Benchmarks against same-run baselines (~35 min); rewrites docs/benchmarks.md and docs/img/.
+bench: setup
+	$(BIN)/python -m bench run
+
+## Every benchmark scenario at toy size (<= 2 min): checks that each ran and was validated, not speed.
+bench-smoke: setup
+	$(BIN)/python -m bench smoke
 
 clean:
 	rm -rf $(VENV) var logs .pytest_cache .mypy_cache .ruff_cache

@@ -75,6 +75,7 @@ class DiscussionRunner:
         agents_call_timeout_seconds: float,
         lease_ttl_seconds: float,
         max_events_per_discussion: int,
+        shared_state: bool = False,
     ) -> None:
         self._store = store
         self._agents = agents
@@ -83,6 +84,8 @@ class DiscussionRunner:
         self._call_timeout = agents_call_timeout_seconds
         self._lease_ttl_seconds = lease_ttl_seconds
         self._max_events = max_events_per_discussion
+        # With state shared between replicas a lapsed lease may be another replica's now.
+        self._shared_state = shared_state
         self.active: dict[str, LiveDiscussion] = {}
         self.queued: dict[str, LiveDiscussion] = {}
         # Given a slot by admission before their creator handed them over (see submit()).
@@ -324,10 +327,16 @@ class DiscussionRunner:
             await asyncio.sleep(self._lease_ttl_seconds / 3)
             with contextlib.suppress(Exception):
                 for discussion_id in list(self.active):
-                    if not await self._admission.renew(discussion_id):
-                        # Its lease lapsed (this replica stalled past the ttl): another may own it now.
-                        logger.warning("admission lease of %s lapsed; giving the discussion up", discussion_id)
-                        self._abandon_later(discussion_id)
+                    if await self._admission.renew(discussion_id):
+                        continue
+                    live = self.active.get(discussion_id)
+                    if not self._shared_state and live is not None:
+                        # One replica: nobody else can have taken it; the loop only stalled. Keep running.
+                        await self._admission.admit_unchecked(discussion_id, live.owner)
+                        continue
+                    # Its lease lapsed (this replica stalled past the ttl): another may own it now.
+                    logger.warning("admission lease of %s lapsed; giving the discussion up", discussion_id)
+                    self._abandon_later(discussion_id)
                 self.start_promoted(await self._admission.reap())
                 ticks += 1
                 if self._adopt_orphans is not None and ticks % 3 == 0:  # about once a ttl

@@ -27,7 +27,7 @@ from services.session.runner import SUSPEND, DiscussionRunner
 from services.session.servicer import SessionServicer
 from services.session.settings import SessionSettings
 from services.session.sqlite_store import SqliteStore
-from services.session.store import Store
+from services.session.store import UNFINISHED_STATUSES, Store
 from services.shared.client import client_interceptors
 from services.shared.reporter import InstanceLoad
 from services.shared.tls import create_channel
@@ -121,6 +121,7 @@ class SessionService:
             agents_call_timeout_seconds=self.settings.agents_call_timeout_seconds,
             lease_ttl_seconds=self.settings.lease_ttl_seconds,
             max_events_per_discussion=self.settings.max_events_per_discussion,
+            shared_state=self.redis is not None,
         )
         self.servicer = SessionServicer(
             settings=self.settings,
@@ -161,6 +162,12 @@ class SessionService:
             # With a shared store another replica may still be running it: take only what nobody holds.
             if not await self.admission.adopt(doc.discussion_id, owner):
                 continue
+            # The list was read before adopt(): the discussion may have finished since. Read it again.
+            fresh = await self.store.get(doc.discussion_id)
+            if fresh is None or fresh.status not in UNFINISHED_STATUSES or runner.live(doc.discussion_id):
+                await self.admission.release(doc.discussion_id)
+                continue
+            doc = fresh
             await self._catch_up(doc)
             if doc.status == session_pb2.DISCUSSION_STATUS_QUEUED:
                 runner.start_promoted(await self.admission.release(doc.discussion_id))
@@ -176,8 +183,9 @@ class SessionService:
                 logger.warning("discussion %s was cut short by a stop: INTERRUPTED", doc.discussion_id)
 
     async def _adopt_orphans(self, runner: DiscussionRunner) -> None:
-        # Not while draining: what this replica suspends is for another replica (or its restart).
-        if self.servicer is not None and self.servicer.accepting:
+        # Only a shared store has other replicas' orphans; and not while draining: what this replica
+        # suspends is for another replica (or its own restart).
+        if self.redis is not None and self.servicer is not None and self.servicer.accepting:
             await self._take_up_leftovers(runner, running_only=True)
 
     async def _catch_up(self, doc: session_pb2.Discussion) -> None:

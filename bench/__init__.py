@@ -1,0 +1,1 @@
+"""Roundtable benchmarks: baselines, the suite as shipped, same-run ratios (`python -m bench run|smoke`)."""

@@ -1,0 +1,195 @@
+"""Processes under test: started pinned to a core with taskset, read for their ports, measured from /proc."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import pathlib
+import signal
+import sys
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+READY_TIMEOUT_SECONDS = 60.0
+SERVER_CORE = 0
+LOAD_CORE = 1
+# Servers run with the checkout's root on their path, so `python -m bench.<baseline>` works from any cwd.
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+PAGE_BYTES = os.sysconf("SC_PAGE_SIZE")
+
+
+@dataclass
+class Proc:
+    """One started process: its name, where it listens and where its log goes."""
+
+    name: str
+    process: asyncio.subprocess.Process
+    log_path: pathlib.Path
+    address: str = ""
+    metrics_port: int = -1
+    drain: asyncio.Task[None] | None = None
+
+    @property
+    def pid(self) -> int:
+        """The process id (taskset execs the program, so it is the program's own)."""
+        return self.process.pid
+
+    @property
+    def port(self) -> int:
+        """The gRPC or HTTP port from the address."""
+        return int(self.address.rstrip("/").removesuffix("/v1").rsplit(":", 1)[1])
+
+
+def pin_self(core: int = LOAD_CORE) -> None:
+    """Pin the calling process (the load generator and its children) to one core."""
+    if len(os.sched_getaffinity(0)) > 1 and (os.cpu_count() or 1) > core:
+        os.sched_setaffinity(0, {core})
+
+
+async def start(
+    name: str,
+    module_args: Sequence[str],
+    *,
+    core: int,
+    cwd: pathlib.Path,
+    env: dict[str, str] | None = None,
+) -> Proc:
+    """Start `python -m <module_args>` pinned to `core`; wait for its 'listening on' line on stdout."""
+    cwd.mkdir(parents=True, exist_ok=True)  # noqa: ASYNC240 - a local directory, before the process starts
+    log_path = cwd / f"{name}.log"
+    command = [sys.executable, "-m", *module_args]
+    if (os.cpu_count() or 1) > core:
+        command = ["taskset", "-c", str(core), *command]
+    with log_path.open("ab") as log:
+        process = await asyncio.create_subprocess_exec(
+            *command,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=log,
+            cwd=cwd,
+            env={**os.environ, "PYTHONPATH": str(REPO_ROOT), **(env or {})},
+            # Its own process group: a Ctrl-C of the bench reaches it only through stop().
+            start_new_session=True,
+        )
+    proc = Proc(name=name, process=process, log_path=log_path)
+    assert process.stdout is not None
+    try:
+        async with asyncio.timeout(READY_TIMEOUT_SECONDS):
+            while True:
+                line = (await process.stdout.readline()).decode()
+                if not line:
+                    tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-20:])
+                    raise RuntimeError(f"{name} exited during start-up (code {await process.wait()}):\n{tail}")
+                if " listening on " in line:
+                    words = line.split()
+                    proc.address = words[words.index("on") + 1]
+                    if "metrics" in words:
+                        proc.metrics_port = int(words[words.index("metrics") + 1])
+                    break
+    except BaseException:
+        await stop([proc], grace_seconds=2)
+        raise
+    proc.drain = asyncio.create_task(_drain(process.stdout), name=f"drain-{name}")
+    return proc
+
+
+async def _drain(stream: asyncio.StreamReader) -> None:
+    while await stream.readline():
+        pass
+
+
+async def stop(procs: Iterable[Proc], grace_seconds: float = 15.0) -> None:
+    """SIGTERM every process at once (each drains on its own), SIGKILL whatever outlives the grace."""
+    running = list(procs)
+    for proc in reversed(running):
+        if proc.process.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.process.send_signal(signal.SIGTERM)
+    await asyncio.gather(*(_reap(proc, grace_seconds) for proc in running))
+
+
+async def _reap(proc: Proc, grace_seconds: float) -> None:
+    try:
+        await asyncio.wait_for(proc.process.wait(), grace_seconds)
+    except TimeoutError:
+        with contextlib.suppress(ProcessLookupError):
+            proc.process.kill()
+        await proc.process.wait()
+    if proc.drain is not None:
+        proc.drain.cancel()
+
+
+def cpu_seconds(pids: Iterable[int]) -> float:
+    """User + system CPU seconds the processes have used so far (threads included)."""
+    total = 0
+    for pid in pids:
+        with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+            fields = pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            # After the ")" that ends the command name, utime and stime are fields 12 and 13.
+            total += int(fields[11]) + int(fields[12])
+    return total / CLOCK_TICKS
+
+
+def rss_bytes(pids: Iterable[int]) -> int:
+    """Resident set size of the processes, summed."""
+    total = 0
+    for pid in pids:
+        with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+            total += int(pathlib.Path(f"/proc/{pid}/statm").read_text().split()[1]) * PAGE_BYTES
+    return total
+
+
+def open_fds(pids: Iterable[int]) -> int:
+    """Open file descriptors of the processes, summed."""
+    total = 0
+    for pid in pids:
+        with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+            total += len(os.listdir(f"/proc/{pid}/fd"))
+    return total
+
+
+def threads(pids: Iterable[int]) -> int:
+    """OS threads of the processes, summed."""
+    total = 0
+    for pid in pids:
+        with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+            total += len(os.listdir(f"/proc/{pid}/task"))
+    return total
+
+
+def thread_cpu_seconds(pid: int) -> dict[str, float]:
+    """CPU seconds per thread of a process, keyed 'name/tid' (OS thread names; the main thread so called)."""
+    out: dict[str, float] = {}
+    with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+                base = pathlib.Path(f"/proc/{pid}/task/{tid}")
+                name = "main thread" if tid == str(pid) else (base / "comm").read_text().strip()
+                if name == "python":  # Python threads keep the process's name: aiosqlite's worker, /metrics
+                    name = "other Python threads"
+                fields = (base / "stat").read_text().rsplit(")", 1)[1].split()
+                out[f"{name}/{tid}"] = (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+    return out
+
+
+def product_revision() -> str:
+    """The product code a process started now would run: HEAD, plus a digest of uncommitted changes to services/.
+
+    Others may commit or edit while a run goes on; samples taken on different code must not be averaged
+    silently, so every sample carries this.
+    """
+    import hashlib
+    import subprocess
+
+    def git(*args: str) -> bytes:
+        return subprocess.run(["git", "-C", str(REPO_ROOT), *args], capture_output=True, check=False).stdout
+
+    head = git("rev-parse", "--short", "HEAD").decode().strip() or "unknown"
+    diff = git("diff", "HEAD", "--", "services", "protos")
+    untracked = git("ls-files", "--others", "--exclude-standard", "--", "services")
+    digest = hashlib.sha1(diff)
+    for name in sorted(untracked.decode().split()):
+        with contextlib.suppress(OSError):
+            digest.update(name.encode() + (REPO_ROOT / name).read_bytes())
+    return head if not diff and not untracked.strip() else f"{head}+{digest.hexdigest()[:7]}"
