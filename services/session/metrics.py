@@ -15,4 +15,8 @@ DISCUSSIONS_EXPIRED = Counter("roundtable_discussions_expired_total", "Discussio
 ADMISSIONS_REJECTED = Counter(
     "roundtable_admissions_rejected_total", "Calls refused with RESOURCE_EXHAUSTED, by the limit reached.", ["limit"]
 )
+AGENT_RUNS_WAITING = Gauge(
+    "roundtable_agent_runs_waiting",
+    "Running discussions waiting for one of max_concurrent_agent_runs calls to the agent service.",
+)
 STREAM_SUBSCRIBERS = Gauge("roundtable_stream_subscribers", "StreamDiscussion calls open on this replica.")

@@ -2,8 +2,12 @@
 
 Every agent event becomes a sequence-numbered DiscussionEvent, written to the
 store before readers are woken, and folded into the in-memory document, which
-is saved whenever something other than a text delta happens. Discussions that
-find no free slot wait in admission's queue and start, in order, as slots free.
+is saved when the discussion's shape changes (status, an agent's answer, a
+round, the summary); readers fold in the rest from the event log. Discussions
+that find no free slot wait in admission's queue and start, in order, as slots
+free. At most max_concurrent_agent_runs RunDiscussion calls are open at once:
+the rest wait here, not in gRPC core's queue where an overloaded agent service
+would let them time out unseen.
 """
 
 from __future__ import annotations
@@ -23,7 +27,12 @@ from services.gen.roundtable.agents.v1 import agents_pb2, agents_pb2_grpc
 from services.gen.roundtable.session.v1 import session_pb2
 from services.session.admission import Admission
 from services.session.document import apply_event, cancel_running_results, failure_reasons, prior_answers
-from services.session.metrics import DISCUSSIONS_ACTIVE, DISCUSSIONS_FINISHED, DISCUSSIONS_QUEUED
+from services.session.metrics import (
+    AGENT_RUNS_WAITING,
+    DISCUSSIONS_ACTIVE,
+    DISCUSSIONS_FINISHED,
+    DISCUSSIONS_QUEUED,
+)
 from services.session.notifier import EventNotifier
 from services.session.store import TERMINAL_STATUSES, Store
 from services.shared.logs import session_context
@@ -36,6 +45,12 @@ Status: TypeAlias = session_pb2.DiscussionStatus.ValueType
 # A lost agent replica (connection reset, drained, ejected): its rounds can be re-run elsewhere.
 RETRYABLE_AGENT_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN})
 AGENT_ATTEMPTS = 4
+
+# Events after which the stored document is rewritten; the others (started, deltas) live in the
+# event log only, and whoever reads a stored document of a running discussion folds them in.
+DOCUMENT_EVENTS = frozenset(
+    {"status_changed", "agent_completed", "agent_failed", "round_completed", "summary_completed"}
+)
 
 # stop() with this status leaves the discussion RUNNING in the store, to be resumed after a restart.
 SUSPEND: Status = session_pb2.DISCUSSION_STATUS_RUNNING
@@ -75,6 +90,7 @@ class DiscussionRunner:
         agents_call_timeout_seconds: float,
         lease_ttl_seconds: float,
         max_events_per_discussion: int,
+        max_concurrent_agent_runs: int = 1000,
         shared_state: bool = False,
     ) -> None:
         self._store = store
@@ -84,6 +100,8 @@ class DiscussionRunner:
         self._call_timeout = agents_call_timeout_seconds
         self._lease_ttl_seconds = lease_ttl_seconds
         self._max_events = max_events_per_discussion
+        self._agent_runs = asyncio.Semaphore(max_concurrent_agent_runs)
+        self._agent_runs_waiting = 0
         # With state shared between replicas a lapsed lease may be another replica's now.
         self._shared_state = shared_state
         self.active: dict[str, LiveDiscussion] = {}
@@ -94,6 +112,7 @@ class DiscussionRunner:
         self._adopt_orphans: Callable[[], Awaitable[None]] | None = None
         DISCUSSIONS_ACTIVE.set_function(lambda: len(self.active))
         DISCUSSIONS_QUEUED.set_function(lambda: len(self.queued))
+        AGENT_RUNS_WAITING.set_function(lambda: self._agent_runs_waiting)
 
     def live(self, discussion_id: str) -> LiveDiscussion | None:
         """The running or queued discussion, with the freshest document (the store's may lag by deltas)."""
@@ -249,11 +268,16 @@ class DiscussionRunner:
     async def _drive(self, live: LiveDiscussion) -> None:
         """Run the rest of the discussion; if the agent replica is lost, re-run its round on another."""
         for attempt in range(1, AGENT_ATTEMPTS + 1):
+            sequence_before = live.doc.last_sequence
             try:
                 await self._drive_once(live)
                 return
             except grpc.aio.AioRpcError as error:
-                if error.code() not in RETRYABLE_AGENT_CODES or attempt == AGENT_ATTEMPTS:
+                # CANCELLED that we did not ask for (ours arrives as CancelledError) before any
+                # event: gRPC core dropped the call unseen (the agent loop was overloaded). Safe to
+                # re-issue: nothing of this run has started.
+                dropped_unseen = error.code() == grpc.StatusCode.CANCELLED and live.doc.last_sequence == sequence_before
+                if (error.code() not in RETRYABLE_AGENT_CODES and not dropped_unseen) or attempt == AGENT_ATTEMPTS:
                     raise
                 logger.warning(
                     "agent service lost mid-discussion (%s: %s); re-running from round %d, attempt %d",
@@ -280,20 +304,28 @@ class DiscussionRunner:
             start_round=doc.completed_rounds + 1,
             prior_answers=prior_answers(doc),
         )
-        # x-session-id lets a load balancer keep a session on one agent replica.
-        call = self._agents.RunDiscussion(
-            request, timeout=self._call_timeout, metadata=(("x-session-id", doc.discussion_id),)
-        )
-        # Deltas stop being recorded near the cap; the structural events always fit within it.
-        delta_cutoff = self._max_events - 3 * len(doc.personas) * (doc.rounds + 1) - 10
+        self._agent_runs_waiting += 1
         try:
-            async for agent_event in call:
-                kind = agent_event.WhichOneof("event")
-                if kind is None or (kind == "agent_delta" and doc.last_sequence >= delta_cutoff):
-                    continue
-                await self._record(live, **{kind: getattr(agent_event, kind)})
+            await self._agent_runs.acquire()
         finally:
-            call.cancel()
+            self._agent_runs_waiting -= 1
+        try:
+            # x-session-id lets a load balancer keep a session on one agent replica.
+            call = self._agents.RunDiscussion(
+                request, timeout=self._call_timeout, metadata=(("x-session-id", doc.discussion_id),)
+            )
+            # Deltas stop being recorded near the cap; the structural events always fit within it.
+            delta_cutoff = self._max_events - 3 * len(doc.personas) * (doc.rounds + 1) - 10
+            try:
+                async for agent_event in call:
+                    kind = agent_event.WhichOneof("event")
+                    if kind is None or (kind == "agent_delta" and doc.last_sequence >= delta_cutoff):
+                        continue
+                    await self._record(live, **{kind: getattr(agent_event, kind)})
+            finally:
+                call.cancel()
+        finally:
+            self._agent_runs.release()
 
     async def _record(self, live: LiveDiscussion, **payload: object) -> None:
         """Sequence an event, store it, fold it into the document, then wake readers."""
@@ -317,7 +349,7 @@ class DiscussionRunner:
             await asyncio.shield(self._store.append_events([event]))
         else:
             await asyncio.shield(self._store.append_events([event]))
-            if kind != "agent_delta":
+            if kind in DOCUMENT_EVENTS:
                 await asyncio.shield(self._store.save(doc))
         self._notifier.publish(doc.discussion_id, event.sequence)
 

@@ -121,6 +121,7 @@ class SessionService:
             agents_call_timeout_seconds=self.settings.agents_call_timeout_seconds,
             lease_ttl_seconds=self.settings.lease_ttl_seconds,
             max_events_per_discussion=self.settings.max_events_per_discussion,
+            max_concurrent_agent_runs=self.settings.max_concurrent_agent_runs,
             shared_state=self.redis is not None,
         )
         self.servicer = SessionServicer(

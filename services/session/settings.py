@@ -98,6 +98,11 @@ class SessionSettings(ServiceSettings):
     agents_call_timeout_seconds: float = Field(
         1800.0, gt=0, description="Deadline of one discussion's run on the agent service."
     )
+    max_concurrent_agent_runs: int = Field(
+        1000,
+        ge=1,
+        description="RunDiscussion calls open to the agent service at once; more running discussions wait here.",
+    )
 
     @model_validator(mode="before")
     @classmethod
