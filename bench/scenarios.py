@@ -260,6 +260,12 @@ async def bursts(ctx: Context) -> None:
                 Goal("errors", "0 errors", value_at_most=0),
                 Goal("accept_per_s", "≥ 0.25× the minimal server's accept rate", ratio_at_least=0.25),
                 Goal("p99_done_s", "p99 create→done ≤ 1.5 s", value_at_most=1.5),
+                # The goal as reachable: two LLM calls in sequence are the floor (see the note).
+                Goal(
+                    "p99_done_s",
+                    f"restated: p99 create→done ≤ floor ({2 * latency:g} s) + 0.5 s",
+                    value_at_most=2 * latency + 0.5,
+                ),
             ],
             notes=[
                 f"Every discussion makes two LLM calls in sequence (the 3 personas in parallel, then the moderator, "
@@ -481,6 +487,8 @@ async def hold_sample(
         latency_seconds=latency,
         summary_latency_seconds=summary_latency if name != "suite-sim" else None,
         answer_words=answer_words,
+        # Holding means every discussion inside the agent service at once, past the shipped call cap.
+        session_flags=["--max-concurrent-agent-runs", str(count)],
     )
     stubs = client.Stubs(system.address)
     probe_stubs = client.Stubs(system.address, channels=1)
