@@ -267,6 +267,36 @@ def _board() -> dashboard.Dashboard:
             width=8,
         )
     )
+    board.with_panel(
+        graph(
+            "Event loop lag, p99",
+            "99th percentile of how late a 100 ms timer fires on each process's event loop: how long ready "
+            "work (RPCs gRPC core hands over included) waits for the loop. RoundtableEventLoopLag fires past 0.5 s.",
+            "s",
+            [
+                Query(
+                    "histogram_quantile(0.99, sum by (job, instance, le) "
+                    f"(rate(roundtable_event_loop_lag_seconds_bucket[{RATE}])))",
+                    "{{job}} {{instance}}",
+                )
+            ],
+        )
+    )
+    board.with_panel(
+        graph(
+            "Event loop stalls over 0.5 s",
+            "Lag samples per second longer than 0.5 s, by process: the loop was busy that long before its timers ran.",
+            "ops",
+            [
+                Query(
+                    f"sum by (job, instance) (rate(roundtable_event_loop_lag_seconds_count[{RATE}]))"
+                    " - sum by (job, instance) "
+                    f'(rate(roundtable_event_loop_lag_seconds_bucket{{le="0.5"}}[{RATE}]))',
+                    "{{job}} {{instance}}",
+                )
+            ],
+        )
+    )
     return board
 
 

@@ -75,7 +75,10 @@ class MemoryAdmission:
         self._max_per_principal = max_per_principal
         self._lease_ttl_seconds = lease_ttl_seconds
         self._clock = clock
-        self._leases: dict[str, tuple[str, float]] = {}
+        # discussion id → (principal, expiry), oldest expiry first: the ttl is the same for every lease and
+        # the clock never goes back, so a lease granted or renewed later expires later, and _lease and
+        # renew move it to the end. _expire_lapsed then stops at the first live lease instead of scanning all.
+        self._leases: OrderedDict[str, tuple[str, float]] = OrderedDict()
         self._queue: OrderedDict[str, str] = OrderedDict()
         self._per_principal: Counter[str] = Counter()
         self._mean_duration_seconds = INITIAL_DURATION_SECONDS
@@ -133,6 +136,7 @@ class MemoryAdmission:
         if lease is None or lease[1] < self._clock():
             return False
         self._leases[discussion_id] = (lease[0], self._clock() + self._lease_ttl_seconds)
+        self._leases.move_to_end(discussion_id)
         return True
 
     async def release(self, discussion_id: str, duration_seconds: float | None = None) -> list[str]:
@@ -160,12 +164,17 @@ class MemoryAdmission:
 
     def _lease(self, discussion_id: str, principal: str) -> None:
         self._leases[discussion_id] = (principal, self._clock() + self._lease_ttl_seconds)
+        self._leases.move_to_end(discussion_id)  # a re-lease keeps its old place otherwise
         self._per_principal[principal] += 1
 
     def _expire_lapsed(self) -> None:
+        # O(lapsed), not O(held): leases are in expiry order, so the first live one ends the sweep.
         now = self._clock()
-        for discussion_id in [i for i, (_, expires) in self._leases.items() if expires < now]:
-            principal, _ = self._leases.pop(discussion_id)
+        while self._leases:
+            discussion_id, (principal, expires) = next(iter(self._leases.items()))
+            if expires >= now:
+                return
+            del self._leases[discussion_id]
             self._per_principal[principal] -= 1
 
     def _promote(self) -> list[str]:

@@ -1,8 +1,10 @@
-"""Prometheus metrics every service exports: go-grpc-prometheus names plus the /metrics endpoint."""
+"""Prometheus metrics every service exports: go-grpc-prometheus names, event-loop lag, the /metrics endpoint."""
 
 from __future__ import annotations
 
+import asyncio
 import threading
+import time
 from wsgiref.simple_server import WSGIServer
 
 import prometheus_client
@@ -34,6 +36,22 @@ CLIENT_HANDLING_SECONDS = Histogram(
     GRPC_LABELS,
     buckets=SERVER_HANDLING_SECONDS._upper_bounds[:-1],
 )
+
+# One series per process (no labels, like the other roundtable_* metrics): the scrape's job and instance say whose.
+EVENT_LOOP_LAG_SECONDS = Histogram(
+    "roundtable_event_loop_lag_seconds",
+    "How much later than asked a timer on the event loop fired: how long ready work waits for the loop.",
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
+
+
+async def watch_event_loop_lag(interval_seconds: float, histogram: Histogram = EVENT_LOOP_LAG_SECONDS) -> None:
+    """Sleep interval_seconds over and over, observing each time how late the sleep ended; runs until cancelled."""
+    while True:
+        due = time.monotonic() + interval_seconds
+        await asyncio.sleep(interval_seconds)
+        # The wake-up waits behind every callback ready before it, so the overshoot is what any of them waits.
+        histogram.observe(max(0.0, time.monotonic() - due))
 
 
 def split_method(full_method: str) -> tuple[str, str]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import signal
@@ -15,9 +16,9 @@ from grpc_reflection.v1alpha import reflection
 
 from services.shared.interceptor import ServerInterceptor
 from services.shared.logs import setup_logging
-from services.shared.metrics import MetricsServer
+from services.shared.metrics import MetricsServer, watch_event_loop_lag
 from services.shared.reporter import InstanceLoad, MonitorReporter
-from services.shared.settings import S, ServiceSettings, load_settings
+from services.shared.settings import EventLoop, S, ServiceSettings, load_settings
 from services.shared.tls import create_channel, server_credentials
 
 logger = logging.getLogger(__name__)
@@ -53,6 +54,11 @@ def server_options(settings: ServiceSettings) -> list[tuple[str, int]]:
         # Above admission's limits, so overload is answered by RESOURCE_EXHAUSTED, not CANCELLED.
         ("grpc.server.max_pending_requests", settings.max_pending_rpcs),
         ("grpc.server.max_pending_requests_hard_limit", settings.max_pending_rpcs * 3),
+        # gRPC core cancels a call the application has not picked up within this time (default 30 s), and
+        # the aio server picks calls up from its event loop: on a saturated loop they were CANCELLED before
+        # any handler saw them. At least the longest deadline a caller gives, so the caller's deadline and
+        # max_pending_requests bound the wait, not a limit nobody chose.
+        ("grpc.server_max_unrequested_time_in_server", settings.max_unrequested_rpc_seconds),
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
     ]
@@ -71,6 +77,7 @@ class ServiceHost:
         self.port = 0
         self.metrics: MetricsServer | None = None
         self._reporter: MonitorReporter | None = None
+        self._lag_watch: asyncio.Task[None] | None = None
         self._stopping = False
 
     @property
@@ -117,12 +124,16 @@ class ServiceHost:
                 load=self.service.load,
             )
             self._reporter.start()
+        self._lag_watch = asyncio.create_task(
+            watch_event_loop_lag(self.settings.event_loop_lag_interval_seconds), name="event-loop-lag"
+        )
         logger.info(
-            "%s service listening on %s (%s; metrics on %s)",
+            "%s service listening on %s (%s; metrics on %s; %s event loop)",
             self.service.name,
             self.address,
             _transport(self.settings),
             f"{self.settings.host}:{self.metrics.port}" if self.metrics else "off",
+            loop_name(asyncio.get_running_loop()),
         )
 
     async def stop(self, grace_seconds: float | None = None) -> None:
@@ -138,6 +149,10 @@ class ServiceHost:
         if self._reporter is not None:
             await self._reporter.stop()
         await self.service.close()
+        if self._lag_watch is not None:
+            self._lag_watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._lag_watch
         if self.metrics is not None:
             self.metrics.stop()
         logger.info("%s service stopped", self.service.name)
@@ -149,11 +164,31 @@ def _transport(settings: ServiceSettings) -> str:
     return "mTLS" if settings.tls_client_ca_file is not None else "TLS"
 
 
+def loop_factory(event_loop: EventLoop) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """The factory of the event loop to run on: uvloop's, or None for asyncio's default."""
+    if event_loop == "asyncio":
+        return None
+    try:
+        import uvloop
+    except ImportError:
+        if event_loop == "uvloop":
+            raise
+        return None  # auto: uvloop has no build for this platform
+    return uvloop.new_event_loop
+
+
+def loop_name(loop: asyncio.AbstractEventLoop) -> str:
+    """'uvloop' or 'asyncio', for the start-up log line."""
+    return "uvloop" if type(loop).__module__.startswith("uvloop") else "asyncio"
+
+
 def run_service(settings_cls: type[S], build: Callable[[S], Service], argv: list[str] | None = None) -> None:
     """Entry point of a service process: settings, logging, serve until SIGTERM/SIGINT."""
     settings = load_settings(settings_cls, argv)
     setup_logging(settings, settings_cls.__name__)
-    asyncio.run(serve(settings, build))
+    # uvloop: ~8 % less CPU per discussion in the benchmarks (bench/findings.md, 2c); grpc.aio runs on it.
+    with asyncio.Runner(loop_factory=loop_factory(settings.event_loop)) as runner:
+        runner.run(serve(settings, build))
 
 
 async def serve(settings: S, build: Callable[[S], Service]) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import pathlib
 import socket
 import uuid
@@ -11,6 +12,7 @@ from pydantic import Field, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 LogFormat = Literal["text", "json"]
+EventLoop = Literal["auto", "uvloop", "asyncio"]
 TLS_FILE_FIELDS = (
     "tls_cert_file",
     "tls_key_file",
@@ -65,6 +67,18 @@ class ServiceSettings(BaseSettings):
         description="RPCs gRPC core may hold before the application picks them up; past it calls are "
         "cancelled, so it sits above what admission control lets through.",
     )
+    max_unrequested_rpc_seconds: int = Field(
+        1800,
+        ge=1,
+        description="How long gRPC core holds a call the application has not picked up yet before cancelling it; "
+        "at least the longest deadline callers give (the session's --agents-call-timeout-seconds).",
+    )
+    event_loop: EventLoop = Field(
+        "auto", description="Event loop: uvloop, asyncio's own, or auto (uvloop when it is installed)."
+    )
+    event_loop_lag_interval_seconds: float = Field(
+        0.1, gt=0, description="How often event-loop lag is sampled into roundtable_event_loop_lag_seconds."
+    )
     monitor_address: str = Field("", description="host:port of the monitor service; empty disables reports.")
     report_interval_seconds: float = Field(10.0, gt=0, description="How often to report to the monitor.")
     tls_cert_file: pathlib.Path | None = Field(
@@ -87,6 +101,13 @@ class ServiceSettings(BaseSettings):
     def _empty_path_is_unset(cls, value: Any) -> Any:
         # An empty flag or environment variable turns TLS off, like an empty --monitor-address.
         return None if value == "" else value
+
+    @field_validator("event_loop")
+    @classmethod
+    def _uvloop_installed(cls, event_loop: EventLoop) -> EventLoop:
+        if event_loop == "uvloop" and importlib.util.find_spec("uvloop") is None:
+            raise ValueError("uvloop is not installed (it has no Windows build); use auto or asyncio")
+        return event_loop
 
     @field_validator(*TLS_FILE_FIELDS)
     @classmethod

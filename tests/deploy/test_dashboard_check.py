@@ -53,6 +53,7 @@ def test_the_dashboard_shows_what_operators_asked_for() -> None:
         "roundtable_agent_sets_live",
         "process_cpu_seconds_total",
         "process_resident_memory_bytes",
+        "roundtable_event_loop_lag_seconds_bucket",
     } <= queried
 
 

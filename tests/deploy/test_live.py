@@ -27,6 +27,7 @@ from services.monitor.service import MonitorService
 from services.monitor.settings import MonitorSettings
 from services.shared.server import ServiceHost
 from tests.deploy.prometheus_tools import require_tool
+from tests.deploy.test_rules import ALERTS
 from tests.suite import Suite, run_to_end, start_suite
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -157,7 +158,7 @@ async def test_alert_rules_read_only_metrics_the_services_export(live: LiveSuite
             sample.name for family in text_string_to_metric_families(await fetch(url)) for sample in family.samples
         }
     expressions = rule_expressions(RULES.read_text(encoding="utf-8"))
-    assert len(expressions) == 4
+    assert len(expressions) == len(ALERTS)
     used = set().union(*(query_metrics(expr) for expr in expressions))
     assert used
     assert used <= exported, f"not exported: {sorted(used - exported)}"
@@ -258,9 +259,7 @@ async def test_a_real_prometheus_scrapes_the_suite_and_answers_a_query(live: Liv
         # The alert rules load and evaluate in a real server.
         rules = await prometheus_api(port, "/api/v1/rules")
         loaded = [rule for group in rules["groups"] for rule in group["rules"]]
-        assert sorted(rule["name"] for rule in loaded) == sorted(
-            ["RoundtableHighErrorRate", "RoundtableHighLatencyP99", "RoundtableSaturated", "RoundtableHighMemory"]
-        )
+        assert sorted(rule["name"] for rule in loaded) == sorted(ALERTS)
         assert {rule["health"] for rule in loaded} <= {"ok", "unknown"}
     finally:
         if process.returncode is None:

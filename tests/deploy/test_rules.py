@@ -9,7 +9,13 @@ from pathlib import Path
 from tests.deploy.prometheus_tools import require_tool
 
 RULES_DIR = Path(__file__).resolve().parents[2] / "deploy" / "prometheus"
-ALERTS = ("RoundtableHighErrorRate", "RoundtableHighLatencyP99", "RoundtableSaturated", "RoundtableHighMemory")
+ALERTS = (
+    "RoundtableHighErrorRate",
+    "RoundtableHighLatencyP99",
+    "RoundtableSaturated",
+    "RoundtableHighMemory",
+    "RoundtableEventLoopLag",
+)
 
 
 def promtool(*args: str) -> subprocess.CompletedProcess[str]:

@@ -148,3 +148,24 @@ async def test_retry_estimate_follows_observed_durations_and_the_queue(gates: Ga
     # Two running, each ~4 s long: one frees about every 2 s.
     assert 1.5 < caught.value.retry_after_seconds < 2.5
     assert caught.value.limit == "max_concurrent_sessions"
+
+
+async def test_a_renewed_lease_outlives_the_older_ones_that_lapse_around_it(gates: Gates) -> None:
+    # The first lease granted is renewed; the two granted after it are not. Exactly those two lapse, and
+    # their slots and their principal's share go to the queue in order (MemoryAdmission sweeps leases in
+    # expiry order, so this fails if a renewal does not move a lease behind the ones it now outlives).
+    ttl, renew_after, others_lapsed_after = (30, 20, 15) if gates.kind == "memory" else (1, 0.6, 0.6)
+    gate = gates.make(capacity=3, max_queued=2, per_principal=2, lease_ttl_seconds=ttl)
+    assert [await gate.admit(name, "alice" if name == "renewed" else "bob") for name in ("renewed", "b1", "b2")] == [
+        True,
+        True,
+        True,
+    ]
+    assert [await gate.admit(name, "carol") for name in ("w1", "w2")] == [False, False]
+    await gates.advance(renew_after)
+    assert await gate.renew("renewed") is True
+    await gates.advance(others_lapsed_after)  # b1 and b2 are a ttl old; "renewed" is not
+    assert await gate.reap() == ["w1", "w2"]
+    assert [await gate.renew(name) for name in ("renewed", "b1", "b2", "w1", "w2")] == [True, False, False, True, True]
+    assert (gate.active(), gate.queued()) == (3, 0)
+    assert not await gate.admit("b3", "bob")  # bob's lapsed leases no longer count: queued, not refused
