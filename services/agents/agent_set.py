@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from services.agents import metrics
 from services.agents.llm import ChatMessage
 from services.agents.personas import Persona
+from services.shared.session_logs import forget_session_log
 
 logger = logging.getLogger(__name__)
 
@@ -85,6 +86,9 @@ class AgentSetRegistry:
             return False
         if agent_set.release_handle is not None:
             agent_set.release_handle.cancel()
+        # This replica is done with the session: its log file need not stay open here (the
+        # session service may delete it, and an open handle would keep the deleted file's space).
+        forget_session_log(session_id)
         self.released_total += 1
         metrics.AGENT_SETS_RELEASED.inc()
         return True

@@ -222,7 +222,8 @@ class DiscussionRun:
                         agent_instance_id=agent.instance_id,
                     )
                 )
-            logger.info("round %d: %s answered (%d tokens)", round_number, name, usage.total_tokens)
+            # Per call, so DEBUG; "is analysing the topic" above is the seed's per-agent INFO line.
+            logger.debug("round %d: %s answered (%d tokens)", round_number, name, usage.total_tokens)
             return text
 
     def _emit_delta(self, agent: str, round_number: int, pending: list[str]) -> None:

@@ -15,16 +15,14 @@ import asyncio
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol, cast
+from typing import Protocol, cast
 
+import httpx2
 import openai
 from openai.types.chat import ChatCompletionMessageParam
 
 from services.agents import metrics
 from services.gen.roundtable.common.v1 import discussion_pb2
-
-if TYPE_CHECKING:
-    import httpx2
 
 
 @dataclass(frozen=True)
@@ -105,8 +103,8 @@ class OpenAIChatClient:
         self.default = default
         self.backends = {backend.name: backend for backend in extra}
         # One connection pool per endpoint; the outbound cap below is shared by all of them.
-        self._clients = {b.name: _client(b, max_retries) for b in extra}
-        self._default_client = _client(default, max_retries)
+        self._clients = {b.name: _client(b, max_retries, max_concurrent_calls) for b in extra}
+        self._default_client = _client(default, max_retries, max_concurrent_calls)
         self._temperature = temperature
         self._max_tokens = max_tokens
         # Queue rather than fail when the provider's concurrency is spoken for.
@@ -207,11 +205,24 @@ class OpenAIChatClient:
             await client.close()
 
 
-def _client(backend: Backend, max_retries: int) -> openai.AsyncOpenAI:
-    # The SDK's own HTTP client defaults (timeout, pool limits, redirects), plus a hook on every attempt it sends.
-    http_client = openai.DefaultAsyncHttpxClient(event_hooks={"request": [_count_retry]})
+def _client(backend: Backend, max_retries: int, max_concurrent_calls: int) -> openai.AsyncOpenAI:
+    # The SDK's own HTTP client defaults (timeout, redirects), plus a hook on every attempt it sends.
+    http_client = openai.DefaultAsyncHttpxClient(
+        event_hooks={"request": [_count_retry]}, limits=connection_limits(max_concurrent_calls)
+    )
     return openai.AsyncOpenAI(
         base_url=backend.base_url, api_key=backend.api_key, max_retries=max_retries, http_client=http_client
+    )
+
+
+def connection_limits(max_concurrent_calls: int) -> httpx2.Limits:
+    """A pool with a connection for every call the outbound cap lets through, so only the cap queues.
+
+    The SDK's default pool (1,000 connections) would make calls past it wait for a connection
+    inside their time budget and end as LLMCallTimeout; the cap's queue is outside it.
+    """
+    return httpx2.Limits(
+        max_connections=max_concurrent_calls, max_keepalive_connections=min(max_concurrent_calls, 1000)
     )
 
 

@@ -5,20 +5,33 @@ stamps the record with the session context, so console lines read
 ``... - [Session-<id>] - Session-<id>-Agent-<name> - INFO - ...`` as in the seed.
 Logger objects are never created per session: the logging module keeps them
 forever, which would leak memory for every session ever served.
+
+Writing is off the event loop: the root logger's one handler stamps the record
+(contextvars are only visible on the task that logs) and queues it; one
+listener thread formats it and writes the console and the session files, and
+flushes the files whenever its queue runs dry.
 """
 
 from __future__ import annotations
 
+import atexit
 import contextvars
 import json
 import logging
+import queue
 import sys
+import threading
 import time
-from collections.abc import Iterator
+import traceback
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from logging.handlers import QueueHandler, QueueListener
 
-from services.shared.session_logs import SessionLogFiles, install
+from services.shared.session_logs import SessionLogFiles, install, session_log_files
 from services.shared.settings import LogFormat, ServiceSettings
+
+# The longest the session files of a busy process go unflushed while the queue never runs dry.
+FLUSH_INTERVAL_SECONDS = 1.0
 
 session_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("session_id", default="")
 agent_var: contextvars.ContextVar[str] = contextvars.ContextVar("agent", default="")
@@ -70,8 +83,10 @@ class JsonFormatter(logging.Formatter):
             "agent": getattr(record, "agent", ""),
             "message": record.getMessage(),
         }
-        if record.exc_info:
-            entry["exception"] = self.formatException(record.exc_info)
+        # A queued record carries its traceback as text (see _StampingQueueHandler.prepare).
+        exception = record.exc_text or (self.formatException(record.exc_info) if record.exc_info else "")
+        if exception:
+            entry["exception"] = exception
         return json.dumps(entry, ensure_ascii=False)
 
 
@@ -88,24 +103,132 @@ def _formatter(log_format: LogFormat, text_format: str) -> logging.Formatter:
     return logging.Formatter(text_format, datefmt="%Y-%m-%d %H:%M:%S")
 
 
+class _StampingQueueHandler(QueueHandler):
+    """Queues records for the listener thread, stamped (by its filter) and with their message merged."""
+
+    def prepare(self, record: logging.LogRecord) -> logging.LogRecord:
+        """Merge the message and render a traceback now, on the caller, and leave formatting to the sinks."""
+        # Arguments may change after the call returns, and a traceback keeps frames alive: resolve
+        # both here. The record is this handler's alone (the root has no other), so no copy.
+        record.msg = record.getMessage()
+        record.args = None
+        if record.exc_info:
+            if not record.exc_text:
+                record.exc_text = _TRACEBACKS.formatException(record.exc_info)
+            record.exc_info = None
+        return record
+
+
+_TRACEBACKS = logging.Formatter()
+
+
+class _Action:
+    """Work queued behind the records already logged, done on the listener thread."""
+
+    def __init__(self, run: Callable[[], None]) -> None:
+        self.run = run
+
+
+class _SinkListener(QueueListener):
+    """Writes queued records to the sinks; flushes them when the queue runs dry or every FLUSH_INTERVAL_SECONDS."""
+
+    def __init__(self, log_queue: queue.SimpleQueue[logging.LogRecord | _Action | None], *sinks: logging.Handler):
+        super().__init__(log_queue, *sinks, respect_handler_level=True)
+        self._queue = log_queue
+        self._last_flush = time.monotonic()
+
+    def submit(self, action: Callable[[], None]) -> None:
+        """Run the action on the listener thread once every record queued before it is written."""
+        self._queue.put_nowait(_Action(action))
+
+    def handle(self, record: logging.LogRecord | _Action) -> None:
+        """Write one record (or run one action), then flush if nothing is waiting."""
+        if isinstance(record, _Action):
+            try:
+                record.run()
+            except Exception:  # the listener thread must outlive a failed action
+                traceback.print_exc(file=sys.stderr)
+        else:
+            super().handle(record)
+        if self._queue.empty() or time.monotonic() - self._last_flush >= FLUSH_INTERVAL_SECONDS:
+            self.flush_sinks()
+
+    def flush_sinks(self) -> None:
+        """Flush every sink (the listener thread's, or anyone's once it has stopped)."""
+        self._last_flush = time.monotonic()
+        for sink in self.handlers:
+            sink.flush()
+
+    def stop(self) -> None:
+        """Write everything queued so far, flush the sinks and end the thread."""
+        super().stop()
+        self.flush_sinks()
+
+
+_listener: _SinkListener | None = None
+
+
 def setup_logging(settings: ServiceSettings, service: str) -> None:
     """Configure the root logger once for a service process: console, and per-session files if on."""
+    stop_logging()
     console = logging.StreamHandler(sys.stderr)
-    console.addFilter(SessionContextFilter())
     console.setFormatter(_formatter(settings.log_format, TEXT_FORMAT))
-    handlers: list[logging.Handler] = [console]
+    sinks: list[logging.Handler] = [console]
+    files: SessionLogFiles | None = None
     if settings.session_log_dir is not None:
         files = SessionLogFiles(
             settings.session_log_dir, settings.session_log_max_bytes, settings.session_log_max_open_files
         )
-        files.addFilter(SessionContextFilter())
         files.setFormatter(_formatter(settings.log_format, FILE_FORMAT))
-        install(files)
-        handlers.append(files)
+        sinks.append(files)
+    log_queue: queue.SimpleQueue[logging.LogRecord | _Action | None] = queue.SimpleQueue()
+    # The sinks run on the listener thread, where the session context is not visible: stamp here.
+    stamping = _StampingQueueHandler(log_queue)
+    stamping.addFilter(SessionContextFilter())
+    global _listener
+    _listener = _SinkListener(log_queue, *sinks)
+    install(files, run_in_order=_listener.submit)
     root = logging.getLogger()
-    root.handlers[:] = handlers
+    root.handlers[:] = [stamping]
     root.setLevel(settings.log_level.upper())
     # Third-party chatter at INFO drowns the discussion log.
     for noisy in ("httpx", "openai", "aiohttp.access", "aiosqlite"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    _listener.start()
     logging.getLogger(__name__).debug("logging configured for %s", service)
+
+
+def flush(timeout_seconds: float = 5.0) -> bool:
+    """Block until every line logged so far is written and flushed (before reading a session file)."""
+    if _listener is None:
+        files = session_log_files()
+        for handler in [*logging.getLogger().handlers, *([files] if files is not None else [])]:
+            handler.flush()
+        return True
+    listener = _listener
+    written = threading.Event()
+
+    def flush_and_tell() -> None:
+        listener.flush_sinks()
+        written.set()
+
+    listener.submit(flush_and_tell)
+    return written.wait(timeout_seconds)
+
+
+def stop_logging() -> None:
+    """Write and flush what is queued, stop the listener thread and close the sinks (exit, tests)."""
+    global _listener
+    listener, _listener = _listener, None
+    if listener is None:
+        return
+    install(None)
+    root = logging.getLogger()
+    root.handlers[:] = [h for h in root.handlers if not isinstance(h, _StampingQueueHandler)]
+    listener.stop()
+    for sink in listener.handlers:
+        sink.close()
+
+
+# Registered after logging's own exit hook, so it runs first: the queue is written before the sinks close.
+atexit.register(stop_logging)

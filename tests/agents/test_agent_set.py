@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import logging
+import pathlib
+import secrets
+from collections.abc import Iterator
 
 import pytest
 
 from services.agents.agent_set import AgentSetRegistry
 from services.agents.llm import ChatMessage
 from services.agents.personas import Persona, PersonaRegistry
+from services.shared.logs import FILE_FORMAT, SessionContextFilter, session_context
+from services.shared.session_logs import SessionLogFiles, install
 
 RELEASE_DELAY_SECONDS = 0.05
 
@@ -221,3 +227,34 @@ def test_release_all_drops_every_set(personas: list[Persona]) -> None:
     assert len(registry) == 0
     assert registry.released_total == 5
     assert registry.created_total == 5
+
+
+@pytest.fixture
+def session_files(tmp_path: pathlib.Path) -> Iterator[SessionLogFiles]:
+    files = SessionLogFiles(tmp_path / "logs", max_bytes=100_000, max_open_files=16)
+    files.addFilter(SessionContextFilter())
+    files.setFormatter(logging.Formatter(FILE_FORMAT))
+    install(files)
+    yield files
+    install(None)
+    files.close()
+
+
+def test_a_released_or_evicted_set_closes_its_sessions_log_file(
+    personas: list[Persona], session_files: SessionLogFiles
+) -> None:
+    registry = AgentSetRegistry(max_agent_sets=2)
+    logger = logging.getLogger("tests.agent_set")
+    ids = [secrets.token_hex(16) for _ in range(3)]
+    for session_id in ids[:2]:
+        registry.acquire(session_id, personas)
+        with session_context(session_id, "科学家"):
+            session_files.handle(logger.makeRecord(logger.name, logging.INFO, "", 0, "answered", None, None))
+    assert session_files.open_files() == 2
+
+    registry.release(ids[0])
+    assert session_files.open_files() == 1
+    registry.acquire(ids[2], personas)
+    registry.acquire(secrets.token_hex(16), personas)  # evicts ids[1]
+    assert session_files.open_files() == 0
+    assert all(session_files.path(i).read_text(encoding="utf-8").endswith("answered\n") for i in ids[:2])

@@ -14,7 +14,7 @@ from collections.abc import Awaitable, Callable, Iterator
 import pytest
 
 from services.gen.roundtable.session.v1 import session_pb2
-from services.shared.logs import FILE_FORMAT, TEXT_FORMAT, SessionContextFilter, session_context
+from services.shared.logs import FILE_FORMAT, TEXT_FORMAT, SessionContextFilter, flush, session_context
 from services.shared.session_logs import TRUNCATED, SessionLogFiles, install
 from tests.suite import Suite, run_to_end
 
@@ -59,6 +59,7 @@ def test_a_file_stops_growing_at_its_cap(files: SessionLogFiles) -> None:
     with session_context(session_id):
         for i in range(500):
             files.handle(record(f"line {i} " + "x" * 40))
+    files.flush()  # lines are buffered; the listener thread flushes them in a service
     text = files.path(session_id).read_text()
     assert len(text.encode()) <= 4096
     assert text.endswith(TRUNCATED)
@@ -105,6 +106,7 @@ async def test_fifty_concurrent_sessions_log_only_into_their_own_files_and_go_at
         )
     )
     ids = [final.discussion_id for final, _ in outcomes]
+    assert flush()
     for session_id in ids:
         lines = files.path(session_id).read_text(encoding="utf-8").splitlines()
         assert any("创建新讨论会话" in line for line in lines)
