@@ -33,6 +33,33 @@ class Scrape:
         return out
 
 
+def histogram_quantile(before: Scrape, after: Scrape, name: str, quantile: float) -> float:
+    """The quantile of what a histogram observed between two scrapes, as PromQL's histogram_quantile does it.
+
+    Linear within the bucket it falls in; NaN when nothing was observed.
+    """
+    buckets: list[tuple[float, float]] = []
+    for (sample, labels), value in after.samples.items():
+        if sample != f"{name}_bucket":
+            continue
+        bound = float(dict(labels)["le"])
+        buckets.append((bound, value - before.samples.get((sample, labels), 0.0)))
+    buckets.sort()
+    if not buckets or buckets[-1][1] <= 0:
+        return float("nan")
+    rank = quantile * buckets[-1][1]
+    lower_bound, lower_count = 0.0, 0.0
+    for bound, count in buckets:
+        if count >= rank:
+            if bound == float("inf"):
+                return lower_bound  # beyond the last finite bucket: its bound is all we know
+            if count == lower_count:
+                return bound
+            return lower_bound + (bound - lower_bound) * (rank - lower_count) / (count - lower_count)
+        lower_bound, lower_count = bound, count
+    return float("nan")
+
+
 def scrape_sync(port: int, host: str = "127.0.0.1") -> Scrape:
     """Fetch and parse http://host:port/metrics."""
     with urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=30) as response:

@@ -30,21 +30,24 @@ RAISED_CAPS = [
 
 @dataclass(frozen=True)
 class Variant:
-    """Shipped settings (and uvloop) switched for diagnosis: which part of the cost goes where."""
+    """Shipped settings switched for diagnosis: which part of the cost goes where."""
 
     store: Literal["sqlite", "memory"] = "sqlite"
     # No per-session log files, console at WARNING.
     quiet: bool = False
-    uvloop: bool = False
+    # asyncio's own loop instead of the shipped uvloop (--event-loop asyncio).
+    asyncio_loop: bool = False
 
     @classmethod
     def parse(cls, name: str) -> Variant:
-        """'suite+memory+quiet+uvloop' → the variant; plain 'suite' is the suite as shipped."""
+        """'suite+memory+quiet+asyncio' → the variant; plain 'suite' is the suite as shipped."""
         parts = set(name.split("+")[1:])
-        unknown = parts - {"memory", "quiet", "uvloop"}
+        unknown = parts - {"memory", "quiet", "asyncio"}
         if unknown:
             raise ValueError(f"unknown suite variant(s) {sorted(unknown)} in {name!r}")
-        return cls(store="memory" if "memory" in parts else "sqlite", quiet="quiet" in parts, uvloop="uvloop" in parts)
+        return cls(
+            store="memory" if "memory" in parts else "sqlite", quiet="quiet" in parts, asyncio_loop="asyncio" in parts
+        )
 
 
 @dataclass
@@ -127,10 +130,11 @@ async def start_suite(
         common = ["--port", "0", "--metrics-port", "0", "--session-log-dir", log_dir]
         if variant.quiet:
             common += ["--log-level", "WARNING"]
-        loop = ["bench.uvloop_run"] if variant.uvloop else []
+        loop = ["--event-loop", "asyncio"] if variant.asyncio_loop else []
+        common += loop
         monitor = await procs.start(
             "monitor",
-            [*loop, "services.monitor", "--port", "0", "--metrics-port", "0"],
+            ["services.monitor", "--port", "0", "--metrics-port", "0", *loop],
             core=procs.SERVER_CORE,
             cwd=workdir,
         )
@@ -139,7 +143,6 @@ async def start_suite(
         agents = await procs.start(
             "agents",
             [
-                *loop,
                 agents_module,
                 *common,
                 *reports,
@@ -155,7 +158,6 @@ async def start_suite(
         session = await procs.start(
             "session",
             [
-                *loop,
                 "services.session",
                 *common,
                 *reports,
