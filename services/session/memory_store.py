@@ -26,6 +26,7 @@ class MemoryStore:
     def __init__(self) -> None:
         self._discussions: dict[str, Discussion] = {}
         self._owners: dict[str, str] = {}
+        self._owned: dict[str, set[str]] = {}  # owner -> ids, so owned() looks at one owner's only
         self._expires_at: dict[str, float] = {}
         self._events: dict[str, list[DiscussionEvent]] = {}
         self._requests: dict[tuple[str, str], str] = {}
@@ -41,7 +42,11 @@ class MemoryStore:
                 return _copy(self._discussions[existing])
             self._requests[(owner, discussion.request_id)] = discussion.discussion_id
         self._discussions[discussion.discussion_id] = _copy(discussion)
+        previous_owner = self._owners.get(discussion.discussion_id)
+        if previous_owner is not None:
+            self._owned[previous_owner].discard(discussion.discussion_id)
         self._owners[discussion.discussion_id] = owner
+        self._owned.setdefault(owner, set()).add(discussion.discussion_id)
         self._expires_at[discussion.discussion_id] = discussion.expires_at.ToNanoseconds() / 1e9
         self._events[discussion.discussion_id] = []
         return _copy(discussion)
@@ -54,6 +59,11 @@ class MemoryStore:
     async def owner(self, discussion_id: str) -> str | None:
         """The owning principal."""
         return self._owners.get(discussion_id)
+
+    async def get_with_owner(self, discussion_id: str) -> tuple[Discussion, str] | None:
+        """A copy of the document and its owner, or None."""
+        found = self._discussions.get(discussion_id)
+        return None if found is None else (_copy(found), self._owners[discussion_id])
 
     async def save(self, discussion: Discussion) -> None:
         """Replace the document if it still exists."""
@@ -126,7 +136,7 @@ class MemoryStore:
 
     async def owned(self, owner: str) -> tuple[int, float | None]:
         """Count and earliest expiry of the owner's discussions."""
-        expiries = [self._expires_at[i] for i, o in self._owners.items() if o == owner]
+        expiries = [self._expires_at[i] for i in self._owned.get(owner, ())]
         return len(expiries), min(expiries, default=None)
 
     async def delete(self, discussion_id: str) -> bool:
@@ -135,6 +145,7 @@ class MemoryStore:
         if found is None:
             return False
         owner = self._owners.pop(discussion_id)
+        self._owned[owner].discard(discussion_id)
         self._expires_at.pop(discussion_id, None)
         self._events.pop(discussion_id, None)
         if found.request_id:

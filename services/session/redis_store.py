@@ -321,14 +321,22 @@ class RedisStore:
 
     async def get(self, discussion_id: str) -> Discussion | None:
         """The document with its access and expiry times, or None."""
-        with unavailable_on_failure("get"):
+        found = await self._get_with_owner(discussion_id, "get")
+        return None if found is None else found[0]
+
+    async def get_with_owner(self, discussion_id: str) -> tuple[Discussion, str] | None:
+        """The document and its owner (one HMGET), or None."""
+        return await self._get_with_owner(discussion_id, "get_with_owner")
+
+    async def _get_with_owner(self, discussion_id: str, operation: str) -> tuple[Discussion, str] | None:
+        with unavailable_on_failure(operation):
             doc, last_accessed, expires, owner = await self._redis.hmget(
                 self._doc_key(discussion_id), ["doc", "la", "ex", "owner"]
             )
         if doc is None:
             return None
         self._remember_owner(discussion_id, _text(owner))
-        return _document(doc, last_accessed, expires)
+        return _document(doc, last_accessed, expires), _text(owner)
 
     async def owner(self, discussion_id: str) -> str | None:
         """The owning principal."""

@@ -13,6 +13,7 @@ from services.gen.roundtable.session.v1 import session_pb2, session_pb2_grpc
 from services.session import validation
 from services.session.admission import Admission
 from services.session.auth import Authenticator
+from services.session.document import apply_event
 from services.session.memory_watch import MemoryWatch
 from services.session.metrics import ADMISSIONS_REJECTED, DISCUSSIONS_CREATED, STREAM_SUBSCRIBERS
 from services.session.notifier import EventNotifier
@@ -145,7 +146,7 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
         owner = await self._caller(context, self._settings.read_cost)
         if request.after_sequence < 0:
             raise InvalidArgument("after_sequence must not be negative", "after_sequence")
-        doc = await self._visible(request.discussion_id, owner)
+        doc = await self._visible(request.discussion_id, owner, fold_events=False)
         await self._touch(doc)
         STREAM_SUBSCRIBERS.inc()
         try:
@@ -229,7 +230,7 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
     ) -> session_pb2.DeleteDiscussionResponse:
         """Remove the discussion, its events and its agent set."""
         owner = await self._caller(context, self._settings.read_cost)
-        doc = await self._visible(request.discussion_id, owner)
+        doc = await self._visible(request.discussion_id, owner, fold_events=False)
         await self._runner.stop(doc.discussion_id, session_pb2.DISCUSSION_STATUS_CANCELLED, "deleted by the client")
         await self._store.delete(doc.discussion_id)
         await self._runner.release_agents(doc.discussion_id)
@@ -276,8 +277,12 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
                 limit="max_retained_discussions_per_principal",
             )
 
-    async def _visible(self, discussion_id: str, owner: str) -> session_pb2.Discussion:
-        """The caller's discussion, freshest copy; NOT_FOUND for unknown ids and for other callers' ones."""
+    async def _visible(self, discussion_id: str, owner: str, *, fold_events: bool = True) -> session_pb2.Discussion:
+        """The caller's discussion, freshest copy; NOT_FOUND for unknown ids and for other callers' ones.
+
+        fold_events=False skips bringing another replica's document up to date, for callers that
+        need only its id.
+        """
         validation.discussion_id(discussion_id)
         not_found = NotFound(f"discussion {discussion_id} not found (it may have expired or been deleted)")
         live = self._runner.live(discussion_id)
@@ -285,10 +290,21 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
             if live.owner != owner:
                 raise not_found
             return _copy(live.doc)
-        doc = await self._store.get(discussion_id)
-        if doc is None or await self._store.owner(discussion_id) != owner:
+        found = await self._store.get_with_owner(discussion_id)
+        if found is None or found[1] != owner:
             raise not_found
+        doc = found[0]
+        if fold_events and not is_terminal(doc.status):
+            await self._fold_recorded_events(doc)
         return doc
+
+    async def _fold_recorded_events(self, doc: session_pb2.Discussion) -> None:
+        """Fold in the events recorded since the document was saved (its replica saves it only at milestones)."""
+        while events := await self._store.events_after(doc.discussion_id, doc.last_sequence, EVENTS_PER_READ):
+            for event in events:
+                apply_event(doc, event)
+            if len(events) < EVENTS_PER_READ:
+                return
 
     async def _touch(self, doc: session_pb2.Discussion) -> None:
         """Record an access, at most once per tenth of the ttl (or minute), so reads stay cheap."""

@@ -46,6 +46,10 @@ class Store(Protocol):
         """The principal that owns the discussion, or None if it does not exist."""
         ...
 
+    async def get_with_owner(self, discussion_id: str) -> tuple[Discussion, str] | None:
+        """The stored document and its owner, read together (one round trip), or None."""
+        ...
+
     async def save(self, discussion: Discussion) -> None:
         """Replace the stored document (it must exist)."""
         ...

@@ -192,7 +192,7 @@ def setup_logging(settings: ServiceSettings, service: str) -> None:
     root.handlers[:] = [stamping]
     root.setLevel(settings.log_level.upper())
     # Third-party chatter at INFO drowns the discussion log.
-    for noisy in ("httpx", "openai", "aiohttp.access", "aiosqlite"):
+    for noisy in ("httpx", "openai", "aiohttp.access"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     _listener.start()
     logging.getLogger(__name__).debug("logging configured for %s", service)

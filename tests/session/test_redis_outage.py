@@ -63,6 +63,7 @@ async def test_calls_fail_fast_while_redis_is_down_and_every_acknowledged_write_
     calls: dict[str, Callable[[], Awaitable[Any]]] = {
         "get": lambda: store.get(discussion_id(1)),
         "owner": lambda: store.owner(discussion_id(1)),
+        "get_with_owner": lambda: store.get_with_owner(discussion_id(1)),
         "create": lambda: store.create(BOB, late),
         "save": lambda: store.save(acknowledged[1]),
         "touch": lambda: store.touch(discussion_id(2), 10.0, 2_000_000.0),

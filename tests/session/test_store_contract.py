@@ -16,7 +16,7 @@ from services.session.memory_store import MemoryStore
 from services.session.redis_connection import connect
 from services.session.redis_store import RedisStore
 from services.session.sqlite_store import SqliteStore
-from services.session.store import InvalidPageToken, Store
+from services.session.store import DiscussionStatus, InvalidPageToken, Store
 from tests.redis_server import redis_server, redis_url  # noqa: F401  (fixtures the redis case uses)
 
 RUNNING = session_pb2.DISCUSSION_STATUS_RUNNING
@@ -55,7 +55,7 @@ def make_discussion(
     *,
     created_seconds: int = 1_000,
     request_id: str = "",
-    status: session_pb2.DiscussionStatus = RUNNING,
+    status: DiscussionStatus = RUNNING,
     expires_seconds: int = 1_000_000,
     topic: str = "",
 ) -> session_pb2.Discussion:
@@ -83,7 +83,7 @@ def event(number: int, sequence: int, text: str = "") -> session_pb2.DiscussionE
     )
 
 
-async def list_all(store: Store, owner: str, status: session_pb2.DiscussionStatus, page_size: int) -> list[list[str]]:
+async def list_all(store: Store, owner: str, status: DiscussionStatus, page_size: int) -> list[list[str]]:
     """Every page of a listing, as lists of ids, following page tokens to the end."""
     pages: list[list[str]] = []
     token = ""
@@ -166,6 +166,49 @@ async def test_owner_names_the_creator_and_none_for_unknown_ids(store: Store) ->
     assert await store.owner(discussion_id(1)) == ALICE
     assert await store.owner(discussion_id(2)) == BOB
     assert await store.owner(discussion_id(3)) is None
+
+
+async def test_get_with_owner_reads_the_document_and_its_owner_together(store: Store) -> None:
+    mine = make_discussion(1)
+    theirs = make_discussion(2, status=COMPLETED)
+    await store.create(ALICE, mine)
+    await store.create(BOB, theirs)
+    mine.summary = "saved since"
+    await store.save(mine)
+    await store.touch(mine.discussion_id, 2_000.0, 5_000_000.0)
+
+    found = await store.get_with_owner(mine.discussion_id)
+
+    assert found is not None
+    doc, owner = found
+    assert owner == ALICE
+    assert doc == await store.get(mine.discussion_id)
+    assert doc.summary == "saved since"
+    assert doc.expires_at.ToSeconds() == 5_000_000
+    assert await store.get_with_owner(theirs.discussion_id) == (theirs, BOB)
+    assert await store.get_with_owner(discussion_id(3)) is None
+    await store.delete(mine.discussion_id)
+    assert await store.get_with_owner(mine.discussion_id) is None
+
+
+async def test_owned_counts_the_owners_discussions_and_finds_the_earliest_expiry(store: Store) -> None:
+    assert await store.owned(ALICE) == (0, None)
+    for number, expires in ((1, 3_000), (2, 1_000), (3, 2_000)):
+        await store.create(ALICE, make_discussion(number, request_id=f"r{number}", expires_seconds=expires))
+    await store.create(BOB, make_discussion(4, expires_seconds=500))
+    await store.create(ALICE, make_discussion(5, request_id="r1"))  # a replay, not another discussion
+
+    assert await store.owned(ALICE) == (3, 1_000.0)
+    assert await store.owned(BOB) == (1, 500.0)
+
+    await store.touch(discussion_id(2), 10.0, 4_000.0)
+    assert await store.owned(ALICE) == (3, 2_000.0)
+    await store.delete(discussion_id(3))
+    assert await store.owned(ALICE) == (2, 3_000.0)
+    await store.delete(discussion_id(1))
+    await store.delete(discussion_id(2))
+    assert await store.owned(ALICE) == (0, None)
+    assert await store.owned(BOB) == (1, 500.0)
 
 
 async def test_save_replaces_the_document_and_its_status(store: Store) -> None:
