@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 
-@dataclass
+@dataclass(slots=True)
 class _Channel:
     latest: int = 0
-    changed: asyncio.Event = field(default_factory=asyncio.Event)
+    # Made when a reader first waits, dropped once set: most discussions have no live reader,
+    # and an Event per held discussion (and per event) is memory and time for nobody.
+    changed: asyncio.Event | None = None
 
 
 class EventNotifier:
@@ -32,13 +34,14 @@ class EventNotifier:
         """Events up to `sequence` are in the store."""
         channel = self._channels.setdefault(discussion_id, _Channel())
         channel.latest = max(channel.latest, sequence)
-        channel.changed.set()
-        channel.changed = asyncio.Event()
+        if channel.changed is not None:
+            channel.changed.set()
+            channel.changed = None
 
     def close(self, discussion_id: str) -> None:
         """The discussion will get no more events: wake everyone and forget it."""
         channel = self._channels.pop(discussion_id, None)
-        if channel is not None:
+        if channel is not None and channel.changed is not None:
             channel.changed.set()
 
     async def wait_beyond(self, discussion_id: str, sequence: int, timeout_seconds: float) -> None:
@@ -46,5 +49,7 @@ class EventNotifier:
         channel = self._channels.get(discussion_id)
         if channel is None or channel.latest > sequence:
             return
+        if channel.changed is None:
+            channel.changed = asyncio.Event()
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(channel.changed.wait(), timeout_seconds)

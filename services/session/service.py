@@ -110,6 +110,9 @@ class SessionService:
             options=[
                 ("grpc.max_receive_message_length", self.settings.max_message_bytes),
                 ("grpc.max_send_message_length", self.settings.max_message_bytes),
+                # The runner re-issues lost agent calls itself (runner._drive); gRPC's own retry
+                # support keeps a replay buffer per call, ~5.6 KB per held discussion, for nothing.
+                ("grpc.enable_retries", 0),
             ],
         )
         agents: agents_pb2_grpc.AgentServiceAsyncStub = agents_pb2_grpc.AgentServiceStub(self._channel)
