@@ -23,13 +23,14 @@ import tempfile
 import time
 from typing import Any
 
-from bench import h2load, procs, profiling, report
+from bench import compare, h2load, procs, profiling, report
 from bench.profiles import FULL, PROFILES, SMOKE, Profile
 from bench.results import Run
 from bench.scenarios import SCENARIOS, Context, run_all, summary_line
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
+BEFORE = RESULTS / "before-fixes.json"
 DOC = REPO / "docs" / "benchmarks.md"
 IMG = REPO / "docs" / "img"
 # Scenarios that need h2load; the others run on the Python client alone.
@@ -188,7 +189,9 @@ def write_outputs(run: Run, doc: pathlib.Path, img: pathlib.Path) -> None:
     (RESULTS / "latest.json").write_text(run.to_json())
     img.mkdir(parents=True, exist_ok=True)
     prefix = os.path.relpath(img, doc.parent)
-    doc.write_text(report.render(run, img, prefix))
+    # The run before issue 7's fixes, kept so every later run shows how far they moved each goal.
+    before = Run.from_json(BEFORE.read_text()) if BEFORE.exists() else None
+    doc.write_text(report.render(run, img, prefix, before=before))
     print(f"wrote {doc.relative_to(REPO) if doc.is_relative_to(REPO) else doc} and charts in {img}")
 
 
@@ -233,6 +236,9 @@ def main(argv: list[str] | None = None) -> int:
     smoke_parser.add_argument("--only", help="comma-separated scenarios")
     smoke_parser.add_argument("--profile", default=SMOKE.name, choices=sorted(PROFILES))
     sub.add_parser("report", help="re-render docs/benchmarks.md from bench/results/latest.json")
+    compare_parser = sub.add_parser("compare", help="each goal before and after: two saved runs side by side")
+    compare_parser.add_argument("before", type=pathlib.Path, help="a saved run (JSON), e.g. a copy of latest.json")
+    compare_parser.add_argument("after", type=pathlib.Path, nargs="?", default=RESULTS / "latest.json")
     profile_parser = sub.add_parser("profile", help="py-spy on the suite during one burst")
     profile_parser.add_argument("--count", type=int, default=PROFILE_BURST)
     args = parser.parse_args(argv)
@@ -245,6 +251,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"\nbench smoke FAILED after {elapsed:.0f} s:\n  " + "\n  ".join(failures))
             return 1
         print(f"\nbench smoke passed in {elapsed:.0f} s: every scenario ran and was validated")
+        return 0
+    if args.command == "compare":
+        before, after = (Run.from_json(path.read_text()) for path in (args.before, args.after))
+        print("\n".join(compare.comparison(before, after)))
         return 0
     if args.command == "report":
         run = Run.from_json((RESULTS / "latest.json").read_text())

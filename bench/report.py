@@ -6,7 +6,8 @@ import math
 import pathlib
 from collections.abc import Sequence
 
-from bench.results import Figure, Run, Scenario, goal_met, median, spread
+from bench.compare import comparison
+from bench.results import Figure, Goal, Run, Scenario, goal_met, median, spread
 
 FINDINGS = pathlib.Path(__file__).with_name("findings.md")
 SYSTEM_LABELS = {
@@ -16,6 +17,7 @@ SYSTEM_LABELS = {
     "suite": "Roundtable (in-process fixed-latency LLM)",
     "suite-sim": "Roundtable (simulator + openai SDK)",
 }
+VERDICTS = {True: "**met**", False: "**missed**", None: "n/a"}
 COLOURS = {"echo": "#888888", "minimal": "#4c72b0", "seed": "#c44e52", "suite": "#55a868", "suite-sim": "#8172b2"}
 
 
@@ -59,7 +61,9 @@ def _ratio(values: list[float]) -> str:
 def summary_rows(scenario: Scenario) -> list[str]:
     """Markdown rows: one per candidate and figure, baseline beside it, ratio, goal and verdict."""
     rows = []
-    goals = {g.figure: g for g in scenario.goals}
+    goals: dict[str, list[Goal]] = {}
+    for goal in scenario.goals:
+        goals.setdefault(goal.figure, []).append(goal)
     for candidate in scenario.candidates or [scenario.baseline]:
         for figure in scenario.figures:
             cand = scenario.values(candidate, figure.key)
@@ -67,12 +71,12 @@ def summary_rows(scenario: Scenario) -> list[str]:
                 continue
             base = scenario.values(scenario.baseline, figure.key) if scenario.candidates else []
             ratios = scenario.ratios(candidate, figure.key) if scenario.candidates else []
-            goal = goals.get(figure.key)
             verdict = ""
-            if goal is not None and (candidate == _goal_subject(scenario)):
-                met = goal_met(scenario, goal, candidate)
-                verdict = f"{goal.text}: " + {True: "**met**", False: "**missed**", None: "n/a"}[met]
-                if not scenario.validated:
+            if candidate == _goal_subject(scenario):
+                verdict = "; ".join(
+                    f"{g.text}: " + VERDICTS[goal_met(scenario, g, candidate)] for g in goals.get(figure.key, [])
+                )
+                if verdict and not scenario.validated:
                     verdict += " (some repeats not validated: see below)"
             unit = f" {figure.unit}" if figure.unit else ""
             rows.append(
@@ -111,8 +115,8 @@ def repeat_table(scenario: Scenario) -> list[str]:
     return lines
 
 
-def render(run: Run, img_dir: pathlib.Path, img_prefix: str = "img") -> str:
-    """The whole document."""
+def render(run: Run, img_dir: pathlib.Path, img_prefix: str = "img", before: Run | None = None) -> str:
+    """The whole document; with `before`, a table of each goal in that run and in this one."""
     out = [
         "# Benchmarks",
         "",
@@ -152,6 +156,17 @@ def render(run: Run, img_dir: pathlib.Path, img_prefix: str = "img") -> str:
         out.append(f"| **{scenario.title}** (baseline: {baseline}) |||||")
         out += summary_rows(scenario)
     out.append("")
+    if before is not None:
+        out += [
+            "## Before and after the fixes of issue 7",
+            "",
+            f"Each goal in the run before the fixes ({before.started_at}, revision "
+            f"{before.machine.get('product revision at end', '?')}) and in this run: ratios against each run's own "
+            "baseline, median [min–max] over repeats. bench/findings.md says what changed.",
+            "",
+            *comparison(before, run, "before the fixes", "this run"),
+            "",
+        ]
     charts = _charts(run, img_dir)
     if charts:
         out += ["## Charts", ""]
