@@ -174,10 +174,11 @@ def thread_cpu_seconds(pid: int) -> dict[str, float]:
 
 
 def product_revision() -> str:
-    """The product code a process started now would run: HEAD, plus a digest of uncommitted changes to services/.
+    """The product code a process started now would run: the last commit that changed services/ or protos/,
+    plus a digest of uncommitted changes to them.
 
     Others may commit or edit while a run goes on; samples taken on different code must not be averaged
-    silently, so every sample carries this.
+    silently, so every sample carries this. Commits elsewhere (bench/, docs/) do not change it.
     """
     import hashlib
     import subprocess
@@ -185,7 +186,7 @@ def product_revision() -> str:
     def git(*args: str) -> bytes:
         return subprocess.run(["git", "-C", str(REPO_ROOT), *args], capture_output=True, check=False).stdout
 
-    head = git("rev-parse", "--short", "HEAD").decode().strip() or "unknown"
+    head = git("log", "-1", "--format=%h", "HEAD", "--", "services", "protos").decode().strip() or "unknown"
     diff = git("diff", "HEAD", "--", "services", "protos")
     untracked = git("ls-files", "--others", "--exclude-standard", "--", "services")
     digest = hashlib.sha1(diff)
