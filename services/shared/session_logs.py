@@ -5,8 +5,11 @@ recently written files stay open; the rest are reopened (in append mode) when
 their session logs again. A file is closed when its session's work on this
 process is over, and removed when the session expires or is deleted.
 
-Lines are buffered, not flushed one by one: whoever drives the handler calls
-flush() (services.shared.logs does it whenever its queue of lines runs dry).
+Lines are held per session, not written one by one: whoever drives the handler
+calls flush() (services.shared.logs does it whenever its queue of lines runs dry,
+and at least once a second), which appends each session's lines in one write. With
+more live sessions than open files, that is one open per session per flush instead
+of one per line.
 """
 
 from __future__ import annotations
@@ -39,7 +42,8 @@ class SessionLogFiles(logging.Handler):
         self._max_bytes = max_bytes
         self._max_open_files = max_open_files
         self._open: OrderedDict[str, tuple[TextIO, int]] = OrderedDict()
-        self._unflushed: set[str] = set()
+        # Formatted lines not yet written, per session, in the order logged.
+        self._pending: dict[str, list[str]] = {}
         directory.mkdir(parents=True, exist_ok=True)
 
     def path(self, session_id: str) -> pathlib.Path:
@@ -51,62 +55,68 @@ class SessionLogFiles(logging.Handler):
         return len(self._open)
 
     def emit(self, record: logging.LogRecord) -> None:
-        """Append the formatted record to its session's file, within the size cap."""
+        """Hold the formatted record for its session's file until the next flush()."""
         session_id = getattr(record, "session_id", "")
         if not SAFE_SESSION_ID.fullmatch(session_id):
             return
-        try:
-            line = self.format(record) + "\n"
-            handle, size = self._file(session_id)
-            if size >= self._max_bytes:
-                return
-            line_bytes = len(line.encode())
-            if size + line_bytes > self._max_bytes:
-                line = TRUNCATED
-                size = self._max_bytes
-            else:
-                size += line_bytes
-            handle.write(line)
-            self._open[session_id] = (handle, size)
-            self._unflushed.add(session_id)
-        except OSError:
-            self.handleError(record)
+        self._pending.setdefault(session_id, []).append(self.format(record) + "\n")
 
     def flush(self) -> None:
-        """Write out what the open files buffer."""
+        """Append each session's held lines to its file, within the size cap, and flush them."""
         with self.lock or _NO_LOCK:
-            for session_id in self._unflushed:
-                entry = self._open.get(session_id)
-                if entry is not None:
-                    try:
-                        entry[0].flush()
-                    except OSError:
-                        pass  # a full disk loses lines, never the service
-            self._unflushed.clear()
+            pending, self._pending = self._pending, {}
+            for session_id, lines in pending.items():
+                self._write(session_id, lines)
 
     def forget(self, session_id: str) -> None:
-        """Close the session's file, keeping it (its session's work on this process is over)."""
+        """Write and close the session's file, keeping it (its session's work on this process is over)."""
         with self.lock or _NO_LOCK:
+            lines = self._pending.pop(session_id, None)
+            if lines:
+                self._write(session_id, lines)
             entry = self._open.pop(session_id, None)
-            self._unflushed.discard(session_id)
             if entry is not None:
                 _close(entry[0])
 
     def remove(self, session_id: str) -> None:
-        """Close and delete the session's file (expiry, delete)."""
+        """Close and delete the session's file (expiry, delete); lines still held go with it."""
         if not SAFE_SESSION_ID.fullmatch(session_id):
             return
-        self.forget(session_id)
-        self.path(session_id).unlink(missing_ok=True)
+        with self.lock or _NO_LOCK:
+            self._pending.pop(session_id, None)
+            entry = self._open.pop(session_id, None)
+            if entry is not None:
+                _close(entry[0])
+            self.path(session_id).unlink(missing_ok=True)
 
     def close(self) -> None:
-        """Close every open file."""
+        """Write what is held, and close every open file."""
+        self.flush()
         with self.lock or _NO_LOCK:
             for handle, _ in self._open.values():
                 _close(handle)
             self._open.clear()
-            self._unflushed.clear()
         super().close()
+
+    def _write(self, session_id: str, lines: list[str]) -> None:
+        try:
+            handle, size = self._file(session_id)
+            if size >= self._max_bytes:
+                return
+            kept: list[str] = []
+            for line in lines:
+                line_bytes = len(line.encode())
+                if size + line_bytes > self._max_bytes:
+                    kept.append(TRUNCATED)
+                    size = self._max_bytes
+                    break
+                kept.append(line)
+                size += line_bytes
+            handle.write("".join(kept))
+            handle.flush()
+            self._open[session_id] = (handle, size)
+        except OSError:
+            pass  # a full disk loses lines, never the service
 
     def _file(self, session_id: str) -> tuple[TextIO, int]:
         entry = self._open.get(session_id)
@@ -114,8 +124,7 @@ class SessionLogFiles(logging.Handler):
             self._open.move_to_end(session_id)
             return entry
         while len(self._open) >= self._max_open_files:
-            oldest_id, (oldest, _) = self._open.popitem(last=False)
-            self._unflushed.discard(oldest_id)
+            _, (oldest, _) = self._open.popitem(last=False)
             _close(oldest)
         path = self.path(session_id)
         handle = path.open("a", encoding="utf-8")

@@ -47,6 +47,8 @@ def test_two_thousand_live_sessions_keep_descriptors_bounded(files: SessionLogFi
             with session_context(session_id):
                 files.handle(record(f"line {round_number} of {session_id}"))
             assert files.open_files() <= 16
+        files.flush()  # every session's lines written: 2,000 files through 16 descriptors
+        assert files.open_files() <= 16
     assert open_fds() <= before + 16
     for session_id in ids[:50]:
         lines = files.path(session_id).read_text().splitlines()
@@ -64,6 +66,32 @@ def test_a_file_stops_growing_at_its_cap(files: SessionLogFiles) -> None:
     assert len(text.encode()) <= 4096
     assert text.endswith(TRUNCATED)
     assert text.count(TRUNCATED) == 1
+
+
+def test_lines_held_between_flushes_are_written_in_order_once_per_session(files: SessionLogFiles) -> None:
+    ids = [secrets.token_hex(16) for _ in range(40)]
+    for i in range(5):
+        for session_id in ids:
+            with session_context(session_id):
+                files.handle(record(f"line {i} of {session_id}"))
+    assert not any(files.path(session_id).exists() for session_id in ids)  # held, not written line by line
+    files.flush()
+    for session_id in ids:
+        lines = files.path(session_id).read_text().splitlines()
+        assert [line.rsplit(" - ", 1)[1] for line in lines] == [f"line {i} of {session_id}" for i in range(5)]
+
+
+def test_a_removed_session_loses_its_held_lines_and_a_forgotten_one_keeps_them(files: SessionLogFiles) -> None:
+    removed, forgotten = secrets.token_hex(16), secrets.token_hex(16)
+    for session_id in (removed, forgotten):
+        with session_context(session_id):
+            files.handle(record(f"last words of {session_id}"))
+    files.remove(removed)
+    files.forget(forgotten)
+    files.flush()
+    assert not files.path(removed).exists()
+    assert files.path(forgotten).read_text().endswith(f"last words of {forgotten}\n")
+    assert files.open_files() == 0
 
 
 def test_ids_that_could_name_other_files_are_never_used(files: SessionLogFiles) -> None:
