@@ -23,8 +23,7 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from logging.handlers import QueueHandler, QueueListener
 
 from services.shared.session_logs import SessionLogFiles, install, session_log_files
@@ -37,17 +36,31 @@ session_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("session_id
 agent_var: contextvars.ContextVar[str] = contextvars.ContextVar("agent", default="")
 
 
-@contextmanager
-def session_context(session_id: str, agent: str = "") -> Iterator[None]:
-    """Tag every log line in this block (and tasks started in it) with the session and agent."""
-    session_token = session_id_var.set(session_id)
-    agent_token = agent_var.set(agent) if agent else None
-    try:
-        yield
-    finally:
-        if agent_token is not None:
-            agent_var.reset(agent_token)
-        session_id_var.reset(session_token)
+class session_context:  # lower case: called like the context-manager function it replaced
+    """Tag every log line in this block (and tasks started in it) with the session and agent.
+
+    A small class rather than @contextmanager: one is held across the awaits of every running
+    discussion and agent, and a generator-based one costs several times the memory.
+    """
+
+    __slots__ = ("_agent", "_agent_token", "_session_id", "_session_token")
+
+    def __init__(self, session_id: str, agent: str = "") -> None:
+        self._session_id = session_id
+        self._agent = agent
+        self._session_token: contextvars.Token[str] | None = None
+        self._agent_token: contextvars.Token[str] | None = None
+
+    def __enter__(self) -> None:
+        self._session_token = session_id_var.set(self._session_id)
+        if self._agent:
+            self._agent_token = agent_var.set(self._agent)
+
+    def __exit__(self, *_: object) -> None:
+        if self._agent_token is not None:
+            agent_var.reset(self._agent_token)
+        if self._session_token is not None:
+            session_id_var.reset(self._session_token)
 
 
 def session_logger_name(session_id: str, agent: str = "") -> str:
