@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import pathlib
 import tomllib
 from dataclasses import dataclass
@@ -50,7 +51,8 @@ class Persona:
     temperature: float | None = None
     max_tokens: int | None = None
 
-    @property
+    # Cached: every LLM call reads it, and the persona never changes.
+    @functools.cached_property
     def call_options(self) -> CallOptions:
         """The model choices its LLM calls carry."""
         return CallOptions(

@@ -6,6 +6,7 @@ with "You are <name>," and the last line of each user prompt is "Topic: <topic>"
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 
 from services.agents.personas import Persona
@@ -13,6 +14,8 @@ from services.agents.personas import Persona
 LANGUAGE_RULE = "Answer in the language the topic is written in."
 
 
+# One string per persona, shared by every agent that plays it (personas are few and immutable).
+@functools.cache
 def system_prompt(persona: Persona) -> str:
     """Who the agent is."""
     return f"You are {persona.name}, {persona.role}. {LANGUAGE_RULE} Be concrete and brief."
