@@ -63,7 +63,9 @@ def comparison(before: Run, after: Run, before_label: str = "before", after_labe
             )
         for figure in scenario.figures:
             if figure.key in CONTEXT_FIGURES and figure.key not in {g.figure for g in scenario.goals}:
-                label = f"{figure.label}, ratio to {scenario.baseline}"
+                by_ratio = _subject(scenario) != scenario.baseline
+                unit = f" {figure.unit}" if figure.unit else ""
+                label = f"{figure.label}, ratio to {scenario.baseline}" if by_ratio else f"{figure.label}{unit}"
                 lines.append(
                     f"| {title} | {label} | {_figure_cell(old, None, figure.key)} | "
                     f"{_figure_cell(scenario, None, figure.key)} |"
