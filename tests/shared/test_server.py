@@ -11,9 +11,8 @@ import sys
 import threading
 import time
 import urllib.request
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
 
 import grpc
 import pytest
@@ -22,31 +21,13 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.parser import text_string_to_metric_families
 
-from services.monitor.service import MonitorService
 from services.monitor.settings import MonitorSettings
 from services.shared.metrics import watch_event_loop_lag
 from services.shared.server import ServiceHost, loop_factory
 from services.shared.settings import load_settings
+from tests.shared.conftest import monitor_settings
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture
-async def start_monitor() -> AsyncIterator[Callable[..., Awaitable[ServiceHost]]]:
-    """Start monitor hosts with these settings; each is stopped at the end of the test."""
-    hosts: list[ServiceHost] = []
-
-    async def start(**overrides: Any) -> ServiceHost:
-        settings = MonitorSettings(**{"port": 0, "metrics_port": -1, "enable_reflection": False, **overrides})
-        # Its own registry, so its fleet gauges don't clash with other monitors in this process.
-        host = ServiceHost(settings, MonitorService(settings, registry=CollectorRegistry()))
-        await host.start()
-        hosts.append(host)
-        return host
-
-    yield start
-    for host in hosts:
-        await host.stop(grace_seconds=0)
 
 
 def sample(registry: CollectorRegistry, name: str, **labels: str) -> float:
@@ -93,7 +74,9 @@ def scraped(url: str, name: str) -> float:
 async def test_every_host_samples_its_event_loop_lag_until_it_stops(
     start_monitor: Callable[..., Awaitable[ServiceHost]],
 ) -> None:
-    host = await start_monitor(metrics_port=0, event_loop_lag_interval_seconds=0.01)
+    host = await start_monitor(
+        monitor_settings(metrics_port=0, enable_reflection=False, event_loop_lag_interval_seconds=0.01)
+    )
     assert host.metrics is not None
     url = f"http://127.0.0.1:{host.metrics.port}/metrics"
     first = await asyncio.to_thread(scraped, url, "roundtable_event_loop_lag_seconds_count")
@@ -130,7 +113,7 @@ async def test_calls_queued_behind_a_busy_loop_wait_as_long_as_the_setting_allow
     # While the loop is busy, calls gRPC core received sit unrequested; past the limit core cancels them
     # without the application ever seeing them (bench/findings.md, 1b). The default waits for the loop.
     limit = {} if max_unrequested_rpc_seconds is None else {"max_unrequested_rpc_seconds": max_unrequested_rpc_seconds}
-    host = await start_monitor(**limit)
+    host = await start_monitor(monitor_settings(enable_reflection=False, **limit))
     loop_blocked = threading.Event()
     with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
         codes = asyncio.get_running_loop().run_in_executor(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,15 +14,15 @@ import grpc
 import pytest
 import trustme
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from prometheus_client import CollectorRegistry
 from pydantic import ValidationError
 
 from services.gen.roundtable.monitor.v1 import monitor_pb2, monitor_pb2_grpc
-from services.monitor.service import MONITOR_SERVICE_NAME, MonitorService
+from services.monitor.service import MONITOR_SERVICE_NAME
 from services.monitor.settings import MonitorSettings
 from services.shared.server import ServiceHost
 from services.shared.settings import load_settings
 from services.shared.tls import ClientTls, create_channel, server_credentials
+from tests.shared.conftest import monitor_settings
 
 REFUSED_WITHIN_SECONDS = 3.0
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -56,27 +56,6 @@ def pki(tmp_path: Path) -> Pki:
     client = write_leaf(ca.issue_cert("session.roundtable.internal"), tmp_path, "client")
     stranger = write_leaf(trustme.CA().issue_cert("session.roundtable.internal"), tmp_path, "stranger")
     return Pki(tmp_path / "ca.crt", *server, *client, *stranger)
-
-
-def monitor_settings(**overrides: Any) -> MonitorSettings:
-    return MonitorSettings(**{"port": 0, "metrics_port": -1, **overrides})
-
-
-@pytest.fixture
-async def start_monitor() -> AsyncIterator[Callable[..., Awaitable[ServiceHost]]]:
-    """Start monitors with these settings; each is stopped at the end of the test."""
-    hosts: list[ServiceHost] = []
-
-    async def start(settings: MonitorSettings) -> ServiceHost:
-        # Its own registry, so its fleet gauges don't clash with other monitors in this process.
-        host = ServiceHost(settings, MonitorService(settings, registry=CollectorRegistry()))
-        await host.start()
-        hosts.append(host)
-        return host
-
-    yield start
-    for host in hosts:
-        await host.stop(grace_seconds=0)
 
 
 def tls_server(pki: Pki, *, mtls: bool = False, **overrides: Any) -> MonitorSettings:
