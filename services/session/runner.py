@@ -301,6 +301,7 @@ class DiscussionRunner:
             personas=doc.personas,
             rounds=doc.rounds,
             token_budget=budget,
+            principal=live.owner,
             start_round=doc.completed_rounds + 1,
             prior_answers=prior_answers(doc),
         )

@@ -123,6 +123,7 @@ class RunDiscussionRequest(_message.Message):
     START_ROUND_FIELD_NUMBER: _builtins.int
     PRIOR_ANSWERS_FIELD_NUMBER: _builtins.int
     TOKEN_BUDGET_FIELD_NUMBER: _builtins.int
+    PRINCIPAL_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     topic: _builtins.str
     rounds: _builtins.int
@@ -133,6 +134,10 @@ class RunDiscussionRequest(_message.Message):
     """
     token_budget: _builtins.int
     """Tokens the rest of the discussion may spend (the budget less what earlier runs spent); 0 = no limit."""
+    principal: _builtins.str
+    """The caller who owns the discussion (the session service's principal): the key the fleet LLM
+    budget shares waiting calls fairly by. Never a metric label.
+    """
     @_builtins.property
     def personas(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Canonical persona names, moderator included when a summary is wanted."""
@@ -149,10 +154,11 @@ class RunDiscussionRequest(_message.Message):
         start_round: _builtins.int = ...,
         prior_answers: _abc.Iterable[Global___PriorAnswer] | None = ...,
         token_budget: _builtins.int = ...,
+        principal: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["personas", b"personas", "prior_answers", b"prior_answers", "rounds", b"rounds", "session_id", b"session_id", "start_round", b"start_round", "token_budget", b"token_budget", "topic", b"topic"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["personas", b"personas", "principal", b"principal", "prior_answers", b"prior_answers", "rounds", b"rounds", "session_id", b"session_id", "start_round", b"start_round", "token_budget", b"token_budget", "topic", b"topic"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
