@@ -50,6 +50,7 @@ class FixedLatencyLLM:
         timeout_seconds: float,
         deadline: float | None = None,
         options: CallOptions = DEFAULT_OPTIONS,
+        principal: str = "",
     ) -> AsyncIterator[ChatChunk]:
         """Wait the fixed latency, then yield the whole answer and its usage."""
         summary = bool(messages) and messages[-1].content.startswith(SUMMARY_MARKER)

@@ -50,6 +50,7 @@ class DiscussionRun:
         start_round: int = 1,
         prior_answers: dict[int, dict[str, str]] | None = None,
         token_budget: int = 0,
+        principal: str = "",
     ) -> None:
         self._set = agent_set
         self._topic = topic
@@ -60,6 +61,8 @@ class DiscussionRun:
         self._limits = limits
         self._deadline = deadline
         self._token_budget = token_budget
+        # Whose discussion it is: the LLM budget serves waiting calls fairly across principals.
+        self._principal = principal
         self.tokens_spent = 0
         agents = [agent_set.agents[name] for name in persona_names]
         self._debaters = [a for a in agents if not a.persona.moderator]
@@ -211,6 +214,7 @@ class DiscussionRun:
                 timeout_seconds=self._limits.llm_timeout_seconds,
                 deadline=None if self._deadline is None else self._deadline - DEADLINE_MARGIN_SECONDS,
                 options=agent.persona.call_options,
+                principal=self._principal,
             ):
                 if chunk.usage is not None:
                     usage = chunk.usage

@@ -82,6 +82,7 @@ class LLMClient(Protocol):
         timeout_seconds: float,
         deadline: float | None = None,
         options: CallOptions = DEFAULT_OPTIONS,
+        principal: str = "",
     ) -> AsyncIterator[ChatChunk]:
         """Yield the answer's text as it arrives, then its usage."""
         ...
@@ -123,6 +124,7 @@ class OpenAIChatClient:
         timeout_seconds: float,
         deadline: float | None = None,
         options: CallOptions = DEFAULT_OPTIONS,
+        principal: str = "",
     ) -> AsyncIterator[ChatChunk]:
         """Stream one completion; raises openai.APIError when retries are spent, LLMCallTimeout when time is."""
         client = self._clients[options.backend] if options.backend else self._default_client

@@ -113,6 +113,7 @@ class AgentServicer(agents_pb2_grpc.AgentServiceServicer):
             start_round=request.start_round,
             prior_answers=prior,
             token_budget=request.token_budget,
+            principal=request.principal,
         )
         try:
             async for event in run.events():

@@ -61,6 +61,7 @@ class FakeLLM:
         timeout_seconds: float,
         deadline: float | None = None,
         options: CallOptions = DEFAULT_OPTIONS,
+        principal: str = "",
     ) -> AsyncIterator[ChatChunk]:
         # The system prompt starts with "You are <name>," (see prompts.py).
         persona = messages[0].content.removeprefix("You are ").split(",", 1)[0]
