@@ -14,6 +14,10 @@ class LLMBudgetExhausted(TimeoutError):
     """The budget had no room for the call before its deadline."""
 
 
+class LLMBudgetUnavailable(RuntimeError):
+    """The shared budget's store is unreachable and the policy is to fail closed."""
+
+
 class Reservation(Protocol):
     """What one call holds of the budget from reserve() until it settles."""
 
@@ -36,6 +40,10 @@ class LLMBudget(Protocol):
         """The provider said 429: no call to this backend starts, on any replica, for `seconds`."""
         ...
 
+    async def close(self) -> None:
+        """Release connections and wake every waiting call with LLMBudgetExhausted."""
+        ...
+
 
 class _NoReservation:
     async def settle(self, used_tokens: int) -> None:
@@ -54,3 +62,6 @@ class UnlimitedBudget:
 
     async def cool_down(self, backend: str, seconds: float) -> None:
         """Nothing to pause: the client's own backoff honours Retry-After."""
+
+    async def close(self) -> None:
+        """Nothing to release."""
