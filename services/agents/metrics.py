@@ -53,3 +53,41 @@ AGENT_SETS_CREATED = Counter("roundtable_agent_sets_created_total", "Per-session
 AGENT_SETS_RELEASED = Counter(
     "roundtable_agent_sets_released_total", "Per-session agent sets dropped (released, expired or evicted)."
 )
+
+# --- The fleet LLM budget (services/agents/llm_budget.py) ---------------------------------------------
+# `backend` is the configured display name of a provider key (a few per deployment), never a principal.
+
+LLM_BUDGET_REMAINING_TOKENS = Gauge(
+    "roundtable_llm_budget_remaining_tokens",
+    "Tokens left in the backend's per-minute bucket, as this replica last saw it (shared by the fleet).",
+    ["backend"],
+)
+LLM_BUDGET_REMAINING_REQUESTS = Gauge(
+    "roundtable_llm_budget_remaining_requests",
+    "Requests left in the backend's per-minute bucket, as this replica last saw it (shared by the fleet).",
+    ["backend"],
+)
+LLM_BUDGET_RESERVED_TOKENS = Gauge(
+    "roundtable_llm_budget_reserved_tokens",
+    "Tokens reserved by this replica's LLM calls in flight, not yet settled to real usage.",
+    ["backend"],
+)
+LLM_BUDGET_WAITING_CALLS = Gauge(
+    "roundtable_llm_budget_waiting_calls", "LLM calls on this replica queued for room in the budget.", ["backend"]
+)
+# Unlabelled so it is exported (at 0) before the first call: RoundtableLLMBudgetWaits reads it.
+LLM_BUDGET_WAIT_SECONDS = Histogram(
+    "roundtable_llm_budget_wait_seconds",
+    "Time an LLM call waited for room in the budget, granted or not (0 when there was room at once).",
+    buckets=(0.005, 0.05, 0.25, 1, 2.5, 5, 10, 20, 40, 80, 160),
+)
+LLM_BUDGET_COOLDOWNS = Counter(
+    "roundtable_llm_budget_cooldowns_total",
+    "Provider 429s that paused every call to the backend, fleet-wide, for their Retry-After.",
+    ["backend"],
+)
+LLM_BUDGET_STORE_ERRORS = Counter(
+    "roundtable_llm_budget_store_errors_total",
+    "Budget operations the shared store (Redis) failed; the budget then fails open or closed per its policy.",
+    ["backend"],
+)
