@@ -30,6 +30,14 @@ class Profile:
     ablation_burst: int
     # Longest a burst may take to finish before the run counts as failed.
     done_timeout_seconds: float
+    # The real LLM path (bench.llm_path): answer lengths of the streamed-call scenario, its discussions
+    # per repeat (4 calls each); then the realistic discussions' answer length, pace and counts.
+    llm_call_answer_tokens: tuple[int, ...] = (16, 256)
+    llm_call_discussions: int = 75
+    llm_answer_tokens: int = 256
+    llm_tokens_per_second: float = 50.0
+    llm_discussions: int = 1_000
+    llm_sdk_discussions: int = 200
 
 
 FULL = Profile(
@@ -78,6 +86,11 @@ SMOKE = Profile(
     soak_wave_size=20,
     ablation_burst=30,
     done_timeout_seconds=60.0,
+    llm_call_discussions=10,
+    llm_answer_tokens=64,
+    llm_tokens_per_second=200.0,
+    llm_discussions=20,
+    llm_sdk_discussions=10,
 )
 
 # tests/bench/test_smoke.py: the smallest run that still exercises every code path of each scenario.
@@ -102,6 +115,12 @@ TINY = Profile(
     soak_wave_size=5,
     ablation_burst=10,
     done_timeout_seconds=30.0,
+    llm_call_answer_tokens=(16,),
+    llm_call_discussions=3,
+    llm_answer_tokens=16,
+    llm_tokens_per_second=200.0,
+    llm_discussions=5,
+    llm_sdk_discussions=3,
 )
 
 PROFILES = {p.name: p for p in (FULL, SMOKE, TINY)}

@@ -8,18 +8,15 @@ silently averaged in.
 from __future__ import annotations
 
 import asyncio
-import math
-import os
 import pathlib
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
-from bench import client, h2load, procs
+from bench import client, h2load, llm_path, procs
+from bench.context import Context, PeakRss
 from bench.payloads import grpc_frame
-from bench.profiles import Profile
 from bench.promtext import Scrape, histogram_quantile
-from bench.results import Figure, Goal, Run, Sample, Scenario, median, percentile, spread
+from bench.results import Figure, Goal, Sample, Scenario, median, percentile, spread
 from bench.systems import Counts, System, start_system
 from services.gen.roundtable.common.v1 import discussion_pb2
 from services.gen.roundtable.session.v1 import session_pb2
@@ -33,46 +30,6 @@ AGENT_COMPLETED = discussion_pb2.AGENT_STATUS_COMPLETED
 HOLD_SUMMARY_LATENCY_SECONDS = 1.0
 # Protobuf varints: a re-stamped Timestamp may take a byte or two more or less.
 REPLY_SIZE_SLACK_BYTES = 4
-
-
-@dataclass
-class Context:
-    """What every scenario needs: the profile, a scratch directory, the run being filled, a printer."""
-
-    profile: Profile
-    root: pathlib.Path
-    run: Run
-    say: Callable[[str], None] = print
-    _dirs: int = field(default=0)
-    # The product revision when the last system started (see procs.product_revision()).
-    revision: str = ""
-
-    def workdir(self, name: str) -> pathlib.Path:
-        """A fresh directory (cwd, logs, database) for one started system; notes the product revision too."""
-        self.revision = procs.product_revision()
-        self._dirs += 1
-        path = self.root / f"{self._dirs:03d}-{name}"
-        path.mkdir(parents=True)
-        return path
-
-    def record(self, scenario: Scenario, sample: Sample) -> None:
-        """Keep a sample and print it at once, so a collapse is visible while the run goes on."""
-        # The machine is shared: the 1-minute load average says how much others were running meanwhile.
-        sample.values["load_1m"] = round(os.getloadavg()[0], 2)
-        if not sample.revision:
-            sample.revision = self.revision
-        scenario.samples.append(sample)
-        shown = ", ".join(f"{k}={_short(v)}" for k, v in sample.values.items())
-        mark = "ok" if sample.validated else f"INVALID: {sample.validation}"
-        self.say(f"  [{scenario.key}] repeat {sample.repeat + 1} {sample.system} @{sample.revision}: {shown} ({mark})")
-
-
-def _short(value: float) -> str:
-    if math.isnan(value) or math.isinf(value):
-        return str(value)
-    if value == int(value) and abs(value) >= 10:
-        return str(int(value))
-    return f"{value:.3g}"
 
 
 # --- reads: GetDiscussion and StreamDiscussion under h2load ------------------------------------------
@@ -323,30 +280,6 @@ async def sim_bursts(ctx: Context) -> None:
         for name in ("minimal", "suite-sim"):
             sample = await burst_sample(ctx, name, count, latency, repeat, answer_words=profile.sim_answer_words)
             ctx.record(scenario, sample)
-
-
-class PeakRss:
-    """Samples the RSS of some processes in the background; keeps the peak."""
-
-    def __init__(self, pids: list[int], interval_seconds: float = 0.5) -> None:
-        self.peak = 0
-        self._pids = pids
-        self._interval = interval_seconds
-        self._task: asyncio.Task[None] | None = None
-
-    async def _loop(self) -> None:
-        while True:
-            self.peak = max(self.peak, procs.rss_bytes(self._pids))
-            await asyncio.sleep(self._interval)
-
-    def __enter__(self) -> PeakRss:
-        self._task = asyncio.create_task(self._loop())
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        self.peak = max(self.peak, procs.rss_bytes(self._pids))
-        if self._task is not None:
-            self._task.cancel()
 
 
 async def burst_sample(
@@ -764,6 +697,8 @@ SCENARIOS: dict[str, Callable[[Context], object]] = {
     "sim-holds": lambda ctx: holds(ctx, llm="sim"),
     "soak": soak,
     "ablation": ablation,
+    "llm_calls": llm_path.llm_calls,
+    "llm_discussions": llm_path.llm_discussions,
 }
 
 
