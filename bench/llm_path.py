@@ -19,16 +19,19 @@ import sys
 import time
 import uuid
 
+import aiohttp
 import grpc
 
 from bench import client, procs
 from bench.context import Context, PeakRss
 from bench.promtext import scrape
 from bench.results import Figure, Goal, Sample, Scenario
-from bench.suite import start_suite
+from bench.suite import RAISED_CAPS, start_suite
+from services.cli.replicas import Fleet, FleetOptions, RedisProcess, redis_server_binary
 from services.gen.roundtable.agents.v1 import agents_pb2, agents_pb2_grpc
 from services.gen.roundtable.common.v1 import discussion_pb2
 from services.gen.roundtable.session.v1 import session_pb2
+from services.session.keys import add_key
 
 DEBATERS = ["科学家", "哲学家", "经济学家"]
 MODERATOR = "主持人"
@@ -299,3 +302,209 @@ async def _watch_sockets(pid: int, metrics_port: int) -> int:
             await asyncio.sleep(0.5)
     except asyncio.CancelledError:
         return excess
+
+
+# --- quota storm: two agent replicas on Redis against a provider quota a third of the demand ------------
+
+
+STORM_FIGURES = [
+    Figure("failed", "failed discussions", "", higher_is_better=False),
+    Figure("provider_429_pct", "provider 429s", "% of calls", higher_is_better=False, digits=2),
+    Figure("tpm_achieved_pct", "tokens per minute achieved", "% of quota", digits=1),
+    Figure("light_share_pct", "light principal's completions", "% of fair share", digits=1),
+    Figure("duration_s", "storm duration", "s", higher_is_better=False, digits=1),
+]
+STORM_SYSTEMS = {"sdk-no-budget": ("openai-sdk", False), "stream-budget": ("stream", True)}
+HEAVY_SHARE = 10
+# The quota is what is scarce here, not CPU: short answers keep the run about the budget.
+STORM_ANSWER_TOKENS = 64
+
+
+async def quota_storm(ctx: Context) -> None:
+    """2 agent replicas on Redis, a simulator whose TPM quota is a third of the demand, principals 10:1."""
+    profile = ctx.profile
+    scenario = Scenario(
+        key="quota_storm",
+        title=(
+            f"Quota storm: {profile.storm_discussions:,} discussions over {profile.storm_window_seconds:g} s from two "
+            f"principals ({HEAVY_SHARE}:1), 2 agent replicas on Redis, provider TPM quota a third of the demand"
+        ),
+        baseline="sdk-no-budget",
+        candidates=["stream-budget"],
+        figures=STORM_FIGURES,
+        goals=[
+            Goal("failed", "0 failed discussions", value_at_most=0),
+            Goal("provider_429_pct", "provider 429s ≤ 1 % of calls", value_at_most=1.0),
+            Goal("tpm_achieved_pct", "tokens per minute ≥ 90 % of the quota", value_at_least=90.0),
+            Goal("light_share_pct", "light principal ≥ 80 % of its fair share", value_at_least=80.0),
+        ],
+        notes=[
+            "sdk-no-budget is the 'before': every replica retries its own 429s through the openai SDK, no shared "
+            "budget. stream-budget: the lean client under the fleet budget in Redis (reserve prompt + max_tokens, "
+            "settle to usage, fleet-wide cooldown on 429, fair queue per principal).",
+            "Demand: the tokens one discussion costs (measured first, from the simulator's quota accounting) × the "
+            "discussions submitted per minute; the quota is a third of it. TPM achieved: tokens the simulator "
+            "admitted per minute between the first and the last admitted call, over the quota.",
+            "Fair share: the light principal asks for 1/11 of the load, under half the quota, so its fair share is "
+            "all its demand; the figure is the share of its discussions done within the submission window + 20 s "
+            "(FIFO serves it at the pace of everyone: about a third).",
+        ],
+    )
+    ctx.run.scenarios.append(scenario)
+    ctx.say(scenario.title)
+    for repeat in range(profile.storm_repeats):
+        for system in STORM_SYSTEMS:
+            ctx.record(scenario, await _storm_sample(ctx, system, repeat))
+
+
+async def _storm_sample(ctx: Context, system: str, repeat: int) -> Sample:
+    profile = ctx.profile
+    workdir = ctx.workdir(f"quota-storm-{system}")
+    binary = redis_server_binary()
+    if binary is None:
+        raise RuntimeError("the quota storm needs redis-server: apt-get install redis-server")
+    keys_file = workdir / "api_keys.toml"
+    heavy_key, light_key = add_key(keys_file, "heavy"), add_key(keys_file, "light")
+    redis = RedisProcess(binary, workdir / "redis")
+    await redis.start()
+    try:
+        # First a probe fleet with no quota measures what one discussion costs, so the quota is a true third.
+        tokens_per_discussion = await _storm_fleet_run(
+            workdir / "probe", redis.url, keys_file, system, 0, [(heavy_key, 1)], 0
+        )
+        count = profile.storm_discussions
+        demand_tpm = tokens_per_discussion["tokens"] * count / (profile.storm_window_seconds / 60)
+        quota = max(int(demand_tpm / 3), 1)
+        heavy = count * HEAVY_SHARE // (HEAVY_SHARE + 1)
+        result = await _storm_fleet_run(
+            workdir / "storm",
+            redis.url,
+            keys_file,
+            system,
+            quota,
+            [(heavy_key, heavy), (light_key, count - heavy)],
+            profile.storm_window_seconds,
+        )
+    finally:
+        await redis.stop()
+    values = {
+        "failed": result["failed"],
+        "provider_429_pct": 100 * result["refused"] / max(result["admitted"] + result["refused"], 1),
+        "tpm_achieved_pct": 100 * result["tpm"] / quota,
+        "light_share_pct": 100 * result["light_on_time"],
+        "duration_s": result["duration"],
+        "quota_tpm": float(quota),
+        "tokens_per_discussion": tokens_per_discussion["tokens"],
+    }
+    problems = [] if result["done"] == count else [f"{int(result['done'])} of {count} discussions finished"]
+    return Sample(system, repeat, values, validated=not problems, validation="; ".join(problems))
+
+
+async def _storm_fleet_run(
+    workdir: pathlib.Path,
+    redis_url: str,
+    keys_file: pathlib.Path,
+    system: str,
+    quota_tpm: int,
+    submitters: list[tuple[str, int]],
+    window_seconds: float,
+) -> dict[str, float]:
+    """Start a fleet, submit each principal's discussions evenly over the window, wait, read the simulator."""
+    llm_client, budgeted = STORM_SYSTEMS[system]
+    agents_args = ["--llm-client", llm_client, "--max-concurrent-llm-calls", "10000"]
+    if budgeted and quota_tpm:
+        agents_args += ["--llm-tokens-per-minute", str(quota_tpm), "--llm-budget-redis-url", redis_url]
+    simulator_args = [*_simulator_flags(STORM_ANSWER_TOKENS, 1_000_000, 50), "--tpm-limit", str(quota_tpm)]
+    options = FleetOptions(
+        session_replicas=1,
+        agent_replicas=2,
+        store="redis",
+        redis_url=redis_url,
+        max_tokens=STORM_ANSWER_TOKENS,
+        session_port=0,
+        agents_port=0,
+        envoy_admin_port=0,
+        monitor_port=0,
+        monitor_metrics_port=0,
+        simulator_port=0,
+        state_dir=workdir / "state",
+        log_dir=workdir / "logs",
+        cwd=workdir,
+        session_args=("--api-keys-file", str(keys_file), "--allow-anonymous", "false", *RAISED_CAPS),
+        agents_args=tuple(agents_args),
+        simulator_args=tuple(simulator_args),
+    )
+    async with Fleet.start(options) as fleet:
+        stubs = client.Stubs(fleet.session_address)
+        schedule = sorted((window_seconds * (i + 0.5) / n, key) for key, n in submitters for i in range(n))
+        ids: dict[str, str] = {}
+        started = time.monotonic()
+        failed = 0
+
+        async def submit(at: float, key: str, index: int) -> None:
+            nonlocal failed
+            await asyncio.sleep(max(at - (time.monotonic() - started), 0))
+            request = client.create_request(index, f"storm-{key[-6:]}")
+            try:
+                doc = await stubs.next().CreateDiscussion(
+                    request, timeout=600, metadata=(("authorization", f"Bearer {key}"),)
+                )
+            except grpc.aio.AioRpcError:
+                failed += 1
+                return
+            ids[doc.discussion_id] = key
+
+        await asyncio.gather(*(submit(at, key, i) for i, (at, key) in enumerate(schedule)))
+        on_time_at = started + window_seconds + 20
+        done_at: dict[str, float] = {}
+        failed_docs = 0
+        deadline = time.monotonic() + 900
+        while len(done_at) < len(ids) and time.monotonic() < deadline:
+            for discussion_id, key in ids.items():
+                if discussion_id in done_at:
+                    continue
+                doc = await stubs.next().GetDiscussion(
+                    session_pb2.GetDiscussionRequest(discussion_id=discussion_id),
+                    timeout=60,
+                    metadata=(("authorization", f"Bearer {key}"),),
+                )
+                if doc.status in client.TERMINAL:
+                    done_at[discussion_id] = time.monotonic()
+                    if doc.status != session_pb2.DISCUSSION_STATUS_COMPLETED or any(
+                        r.status != discussion_pb2.AGENT_STATUS_COMPLETED for r in doc.results
+                    ):
+                        failed_docs += 1
+            await asyncio.sleep(1.0)
+        duration = max(done_at.values(), default=started) - started
+        async with aiohttp.ClientSession() as http, http.get(fleet.simulator_url + "/_sim/quota") as response:
+            quota_stats = await response.json()
+        await stubs.close()
+    light_key = submitters[-1][0] if len(submitters) > 1 else ""
+    light_ids = [i for i, k in ids.items() if k == light_key]
+    light_on_time = sum(1 for i in light_ids if done_at.get(i, float("inf")) <= on_time_at) / max(len(light_ids), 1)
+    admitted = sum(float(k.get("requests_admitted", 0)) for k in _per_key(quota_stats))
+    refused = sum(float(k.get("requests_refused", 0)) for k in _per_key(quota_stats))
+    charged = sum(float(k.get("tokens_charged", 0)) for k in _per_key(quota_stats))
+    return {
+        "tokens": charged / max(len(ids), 1),
+        "failed": float(failed + failed_docs),
+        "admitted": admitted,
+        "refused": refused,
+        "tpm": charged / max(duration / 60, 1e-9),
+        "light_on_time": light_on_time,
+        "duration": duration,
+        "done": float(len(done_at)),
+    }
+
+
+def _per_key(quota_stats: object) -> list[dict[str, object]]:
+    """The simulator's /_sim/quota answer as a list of per-key records, whatever its top-level shape."""
+    if isinstance(quota_stats, dict):
+        keys = quota_stats.get("keys", quota_stats)
+        if isinstance(keys, dict):
+            return [v for v in keys.values() if isinstance(v, dict)]
+        if isinstance(keys, list):
+            return [v for v in keys if isinstance(v, dict)]
+    if isinstance(quota_stats, list):
+        return [v for v in quota_stats if isinstance(v, dict)]
+    return []

@@ -38,6 +38,10 @@ class Profile:
     llm_tokens_per_second: float = 50.0
     llm_discussions: int = 1_000
     llm_sdk_discussions: int = 200
+    # The quota storm: discussions submitted evenly over the window, repeats of both systems.
+    storm_discussions: int = 1_000
+    storm_window_seconds: float = 60.0
+    storm_repeats: int = 1
 
 
 FULL = Profile(
@@ -91,6 +95,8 @@ SMOKE = Profile(
     llm_tokens_per_second=200.0,
     llm_discussions=20,
     llm_sdk_discussions=10,
+    storm_discussions=60,
+    storm_window_seconds=10.0,
 )
 
 # tests/bench/test_smoke.py: the smallest run that still exercises every code path of each scenario.
@@ -121,6 +127,8 @@ TINY = Profile(
     llm_tokens_per_second=200.0,
     llm_discussions=5,
     llm_sdk_discussions=3,
+    storm_discussions=12,
+    storm_window_seconds=3.0,
 )
 
 PROFILES = {p.name: p for p in (FULL, SMOKE, TINY)}

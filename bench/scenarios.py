@@ -699,6 +699,7 @@ SCENARIOS: dict[str, Callable[[Context], object]] = {
     "ablation": ablation,
     "llm_calls": llm_path.llm_calls,
     "llm_discussions": llm_path.llm_discussions,
+    "quota_storm": llm_path.quota_storm,
 }
 
 
