@@ -7,7 +7,8 @@ import json
 import random
 import re
 from collections.abc import Mapping, Sequence
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
 
 FALLBACK_PERSONA = "assistant"
 TOPIC_FALLBACK_CHARS = 200
@@ -97,6 +98,37 @@ def render_answer(messages: Sequence[Mapping[str, str]], max_words: int) -> str:
     count = max(1, max_words - len(header.split()))
     rng = random.Random(int.from_bytes(prompt_digest(messages)[:8], "big"))
     return header + " ".join(rng.choice(VOCABULARY) for _ in range(count))
+
+
+def answer_length(messages: Sequence[Mapping[str, str]], shortest: int, longest: int) -> int:
+    """Return the uncapped answer length in tokens, drawn from shortest..longest by the prompt digest."""
+    # Digest bytes 8..16: bytes 0..8 already seed the words, and the two draws should not be correlated.
+    draw = int.from_bytes(prompt_digest(messages)[8:16], "big")
+    return shortest + draw % (longest - shortest + 1)
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """An answer as the simulator streams it: one piece per token, and why it ended."""
+
+    pieces: list[str]
+    finish_reason: Literal["stop", "length"]
+
+    @property
+    def text(self) -> str:
+        """The whole answer text."""
+        return "".join(self.pieces)
+
+
+def compose_answer(messages: Sequence[Mapping[str, str]], shortest: int, longest: int, cap_tokens: int) -> Answer:
+    """Return the answer of the drawn length cut to cap_tokens, finishing with "length" when the cap cut it."""
+    natural_tokens = answer_length(messages, shortest, longest)
+    tokens = min(natural_tokens, cap_tokens)
+    # render_answer never goes below header + 1 words; a provider never exceeds max_tokens, so cut to the cap.
+    pieces = split_pieces(render_answer(messages, tokens))[:tokens]
+    if pieces:  # a cut inside the header would leave a trailing space
+        pieces[-1] = pieces[-1].rstrip()
+    return Answer(pieces=pieces, finish_reason="length" if natural_tokens > cap_tokens else "stop")
 
 
 def split_pieces(text: str) -> list[str]:

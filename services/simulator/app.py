@@ -1,4 +1,4 @@
-"""aiohttp application of the OpenAI-compatible simulator, with failure injection and a request log."""
+"""aiohttp application of the OpenAI-compatible simulator, with quotas, failure injection and a request log."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import asyncio
 import dataclasses
 import json
 import logging
+import math
 import random
 import time
 from collections import OrderedDict, deque
@@ -17,14 +18,14 @@ from aiohttp import web
 from pydantic import ValidationError
 
 from services.simulator.answer import (
+    compose_answer,
     estimate_prompt_tokens,
     extract_persona,
     extract_topic,
     normalize_messages,
     prompt_digest,
-    render_answer,
-    split_pieces,
 )
+from services.simulator.quota import QuotaDecision, Quotas, format_duration
 from services.simulator.settings import RuntimeConfig, SimulatorSettings
 
 logger = logging.getLogger(__name__)
@@ -33,8 +34,15 @@ REQUEST_LOG_SIZE = 10_000
 RETRY_COUNT_HEADER = "x-stainless-retry-count"
 # Large prompts (long discussion histories) must not hit aiohttp's 1 MiB default body limit.
 MAX_BODY_BYTES = 16 * 1024 * 1024
+# An injected malformed line is a chunk's "data: {..." cut off here, which no JSON parser accepts.
+MALFORMED_LINE_CHARS = 40
 
-Outcome = Literal["ok", "429", "500", "hang", "disconnected", "400"]
+# "disconnected": the client left; "disconnect", "malformed", "no_done": injected stream faults.
+Outcome = Literal["ok", "429", "500", "hang", "disconnected", "400", "disconnect", "malformed", "no_done"]
+# Outcomes whose answer is generated and sent, in full or in part.
+ANSWERED_OUTCOMES: frozenset[Outcome] = frozenset({"ok", "disconnect", "malformed", "no_done"})
+# Quota refusals name an organization the way OpenAI's do; this one is the simulator's.
+ORGANIZATION = "org-roundtable-sim"
 
 
 @dataclass(slots=True)
@@ -59,6 +67,11 @@ class RequestRecord:
     finished_at_wall: float | None = None
     client_disconnected: bool = False
     retry_after_seconds: float | None = None
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    # Charged to the key's TPM bucket on admission (0 without a TPM quota); the unused part is refunded at the end.
+    tokens_charged: int = 0
+    quota_refused: bool = False
     # Retries, as the openai SDK numbers them (x-stainless-retry-count), linked to the attempt before.
     retry_count: int = 0
     retry_of: int | None = None
@@ -157,6 +170,41 @@ def parse_chat_request(body: Any) -> ChatRequest:
     )
 
 
+def api_key(request: web.Request) -> str:
+    """Return the bearer token of the Authorization header: the key quotas are kept per ("" when absent)."""
+    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+    return token.strip() if scheme.lower() == "bearer" else ""
+
+
+def rate_limit_headers(decision: QuotaDecision) -> dict[str, str]:
+    """Return OpenAI's x-ratelimit-* headers for the quotas that are on (none without quotas)."""
+    headers: dict[str, str] = {}
+    for kind, state in (("requests", decision.requests), ("tokens", decision.tokens)):
+        if state is not None:
+            headers[f"x-ratelimit-limit-{kind}"] = str(state.limit)
+            headers[f"x-ratelimit-remaining-{kind}"] = str(state.remaining)
+            headers[f"x-ratelimit-reset-{kind}"] = format_duration(state.reset_seconds)
+    return headers
+
+
+def quota_refusal_message(decision: QuotaDecision, model: str) -> str:
+    """Word a quota refusal the way OpenAI does."""
+    if decision.refused_by == "requests":
+        scope, limit = "requests per min (RPM)", decision.requests.limit if decision.requests else 0
+    else:
+        scope, limit = "tokens per min (TPM)", decision.tokens.limit if decision.tokens else 0
+    where = f"for {model} in organization {ORGANIZATION} on {scope}"
+    if decision.retry_after_seconds is None:
+        return (
+            f"Request too large {where}: Limit {limit}, Requested {decision.requested}."
+            " The input or output tokens must be reduced in order to run successfully."
+        )
+    return (
+        f"Rate limit reached {where}: Limit {limit}, Used {decision.used}, Requested {decision.requested}."
+        f" Please try again in {format_duration(decision.retry_after_seconds)}."
+    )
+
+
 def _sse(payload: Mapping[str, Any] | str) -> bytes:
     data = payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False)
     return f"data: {data}\n\n".encode()
@@ -171,6 +219,7 @@ class Simulator:
         self._config = RuntimeConfig.from_settings(settings)
         self._rng = random.Random(settings.seed)
         self._log: deque[RequestRecord] = deque(maxlen=REQUEST_LOG_SIZE)
+        self._quotas = Quotas()
         self._total_requests = 0
         self._in_flight = 0
         # The latest attempt of each distinct request body, so a retry can be tied to the attempt it repeats.
@@ -207,11 +256,17 @@ class Simulator:
         """Chat-completion requests currently being handled."""
         return self._in_flight
 
+    @property
+    def quotas(self) -> Quotas:
+        """The per-key request and token buckets, with their accounting."""
+        return self._quotas
+
     def reset(self) -> int:
-        """Clear the request log and return how many records were dropped."""
+        """Clear the request log and the quota state (buckets start full), and return how many records were dropped."""
         count = len(self._log)
         self._log.clear()
         self._last_attempt.clear()
+        self._quotas.clear()
         return count
 
     async def wait_for_record(
@@ -238,7 +293,7 @@ class Simulator:
             return True
         return self._rng.random() < rate
 
-    def _draw_outcome(self, persona: str, config: RuntimeConfig) -> Outcome:
+    def _draw_outcome(self, persona: str, config: RuntimeConfig, stream: bool) -> Outcome:
         if persona in config.fail_personas:
             return "500"
         if self._chance(config.fail_429_rate):
@@ -247,6 +302,13 @@ class Simulator:
             return "500"
         if self._chance(config.hang_rate):
             return "hang"
+        if self._chance(config.disconnect_rate):
+            return "disconnect"
+        # A non-streamed answer has no lines to break and no [DONE] to leave out.
+        if stream and self._chance(config.malformed_line_rate):
+            return "malformed"
+        if stream and self._chance(config.missing_done_rate):
+            return "no_done"
         return "ok"
 
     def _new_record(
@@ -316,12 +378,28 @@ class Simulator:
         config = self._config  # one snapshot per request, so runtime updates never tear a response
         record = self._new_record(chat, "ok", None, started)
         self._link_retry(record, chat, request.headers.get(RETRY_COUNT_HEADER))
-        record.outcome = self._draw_outcome(record.persona, config)
+        record.prompt_tokens = estimate_prompt_tokens(chat.messages)
         headers = {"x-request-id": f"sim-{record.request_id}"}
+        # Like a provider, quotas come first: a refused request never reaches the model (or the fault draws).
+        quota = self._quotas.admit(
+            api_key(request),
+            config.rpm_limit,
+            config.tpm_limit,
+            record.prompt_tokens + (chat.max_tokens or self.settings.max_tokens_default),
+        )
+        headers.update(rate_limit_headers(quota))
+        if not quota.admitted:
+            record.outcome, record.status_code, record.quota_refused = "429", 429, True
+            self._finish(record)
+            return self._quota_refusal(record, quota, headers)
+
+        record.tokens_charged = quota.tokens_charged
+        record.outcome = self._draw_outcome(record.persona, config, chat.stream)
         self._in_flight += 1
         try:
             response = await self._respond(request, chat, record, config, headers)
-            record.status_code = response.status
+            if record.status_code is None and record.outcome != "disconnect":
+                record.status_code = response.status
             return response
         except asyncio.CancelledError:
             # aiohttp cancels the handler when the client closes the connection (handler_cancellation).
@@ -329,11 +407,26 @@ class Simulator:
             raise
         finally:
             self._in_flight -= 1
+            # Tokens the provider would bill: the prompt and what was sent, for any answer that was started.
+            answered = record.outcome in ANSWERED_OUTCOMES or record.outcome == "disconnected"
+            used_tokens = record.prompt_tokens + record.pieces_sent if answered else 0
+            self._quotas.settle(quota, used_tokens)
             self._finish(record)
 
+    def _quota_refusal(self, record: RequestRecord, quota: QuotaDecision, headers: dict[str, str]) -> web.Response:
+        if quota.retry_after_seconds is not None:
+            # Whole seconds rounded up in Retry-After; the SDKs prefer the exact retry-after-ms.
+            retry_after_ms = max(1, math.ceil(quota.retry_after_seconds * 1000))
+            record.retry_after_seconds = retry_after_ms / 1000
+            headers["Retry-After"] = str(math.ceil(retry_after_ms / 1000))
+            headers["retry-after-ms"] = str(retry_after_ms)
+        message = quota_refusal_message(quota, record.model)
+        error_type = quota.refused_by or "requests"
+        return error_response(429, message, error_type, "rate_limit_exceeded", headers)
+
     def _mark_disconnected(self, record: RequestRecord) -> None:
-        # A cancellation during shutdown is the server leaving, not the client.
-        record.client_disconnected = not self._closing.is_set()
+        # A cancellation during shutdown is the server leaving, not the client; so is an injected disconnect.
+        record.client_disconnected = not self._closing.is_set() and record.outcome != "disconnect"
         if record.outcome == "ok":
             record.outcome = "disconnected"
 
@@ -364,18 +457,26 @@ class Simulator:
             await self._closing.wait()
             return error_response(503, "simulator shutting down", "server_error", None, headers)
 
-        record.answer = render_answer(chat.messages, chat.max_tokens or self.settings.max_tokens_default)
-        pieces = split_pieces(record.answer)
-        usage = {
-            "prompt_tokens": estimate_prompt_tokens(chat.messages),
-            "completion_tokens": len(pieces),
-        }
+        answer = compose_answer(
+            chat.messages,
+            config.answer_tokens_min,
+            config.answer_tokens_max,
+            chat.max_tokens or self.settings.max_tokens_default,
+        )
+        record.answer, record.finish_reason = answer.text, answer.finish_reason
+        pieces = answer.pieces
+        usage = {"prompt_tokens": record.prompt_tokens, "completion_tokens": len(pieces)}
         usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
         completion_id = f"chatcmpl-sim-{record.request_id}"
         if chat.stream:
             return await self._stream(request, chat, record, config, headers, pieces, usage, completion_id)
 
-        await asyncio.sleep(config.first_token_latency_ms / 1000 + len(pieces) / config.tokens_per_second)
+        generation_seconds = config.first_token_latency_ms / 1000 + len(pieces) / config.tokens_per_second
+        if record.outcome == "disconnect":
+            # Halfway through the answer the connection drops; the client gets no response at all.
+            await asyncio.sleep(generation_seconds / 2)
+            return _drop_connection(request)
+        await asyncio.sleep(generation_seconds)
         record.pieces_sent = len(pieces)
         body = {
             "id": completion_id,
@@ -388,7 +489,7 @@ class Simulator:
                     "index": 0,
                     "message": {"role": "assistant", "content": record.answer, "refusal": None},
                     "logprobs": None,
-                    "finish_reason": "stop",
+                    "finish_reason": answer.finish_reason,
                 }
             ],
             "usage": usage,
@@ -433,13 +534,19 @@ class Simulator:
             # Pace against absolute deadlines so per-write overhead does not accumulate as drift.
             first_token_at = loop.time() + config.first_token_latency_ms / 1000
             interval = 1.0 / config.tokens_per_second
+            halfway = len(pieces) // 2
             for index, piece in enumerate(pieces):
                 delay = first_token_at + (index + 1) * interval - loop.time()
                 if delay > 0:
                     await asyncio.sleep(delay)
+                if index == halfway and record.outcome == "disconnect":
+                    # What was written is flushed, then the connection closes: no terminating chunk, no [DONE].
+                    return _drop_connection(request, response)
+                if index == halfway and record.outcome == "malformed":
+                    await response.write(chunk({"content": piece})[:MALFORMED_LINE_CHARS] + b"\n\n")
                 await response.write(chunk({"content": piece}))
                 record.pieces_sent = index + 1
-            await response.write(chunk({}, "stop"))
+            await response.write(chunk({}, record.finish_reason))
             if chat.include_usage:
                 usage_chunk = {
                     "id": completion_id,
@@ -451,7 +558,8 @@ class Simulator:
                     "usage": usage,
                 }
                 await response.write(_sse(usage_chunk))
-            await response.write(_sse("[DONE]"))
+            if record.outcome != "no_done":
+                await response.write(_sse("[DONE]"))
             await response.write_eof()
         except ConnectionResetError:
             # The client went away between cancellation checks; the write noticed first.
@@ -473,8 +581,14 @@ class Simulator:
         """Serve GET /_sim/requests: the request log as a JSON list."""
         return web.json_response([record.to_json() for record in self._log])
 
+    async def handle_quota(self, request: web.Request) -> web.Response:
+        """Serve GET /_sim/quota: the quota limits and, per API key, what was admitted, refused and charged."""
+        usage = {key: dataclasses.asdict(key_usage) for key, key_usage in self._quotas.usage().items()}
+        limits = {"rpm_limit": self._config.rpm_limit, "tpm_limit": self._config.tpm_limit}
+        return web.json_response({**limits, "keys": usage})
+
     async def handle_reset(self, request: web.Request) -> web.Response:
-        """Serve POST /_sim/reset: clear the request log."""
+        """Serve POST /_sim/reset: clear the request log and the quota state."""
         return web.json_response({"cleared": self.reset()})
 
     async def handle_get_config(self, request: web.Request) -> web.Response:
@@ -496,6 +610,14 @@ class Simulator:
         return web.json_response(config.model_dump())
 
 
+def _drop_connection(request: web.Request, response: web.StreamResponse | None = None) -> web.StreamResponse:
+    """Close the connection under a response (flushing what was written) and return something for aiohttp to end."""
+    if request.transport is not None:
+        request.transport.close()
+    # aiohttp's attempt to finish this response meets the closed transport and gives up quietly.
+    return response or web.Response()
+
+
 SIMULATOR_KEY: web.AppKey[Simulator] = web.AppKey("simulator", Simulator)
 
 
@@ -508,6 +630,7 @@ def create_app(settings: SimulatorSettings, simulator: Simulator | None = None) 
     app.router.add_post("/v1/chat/completions", sim.handle_chat)
     app.router.add_get("/healthz", sim.handle_healthz)
     app.router.add_get("/_sim/requests", sim.handle_list_requests)
+    app.router.add_get("/_sim/quota", sim.handle_quota)
     app.router.add_post("/_sim/reset", sim.handle_reset)
     app.router.add_get("/_sim/config", sim.handle_get_config)
     app.router.add_post("/_sim/config", sim.handle_set_config)

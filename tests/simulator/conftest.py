@@ -15,8 +15,16 @@ from services.simulator.settings import SimulatorSettings
 @pytest.fixture
 async def sim() -> AsyncIterator[RunningSimulator]:
     """A fresh simulator on a free port, stopped after the test."""
-    # Small latencies keep the whole module at a few seconds.
-    settings = SimulatorSettings(port=0, first_token_latency_ms=5.0, tokens_per_second=2000.0, max_tokens_default=24)
+    # Small latencies keep the whole module at a few seconds; 24-token answers end on their own ("stop") at the
+    # default cap, as the tests written before drawn lengths expect.
+    settings = SimulatorSettings(
+        port=0,
+        first_token_latency_ms=5.0,
+        tokens_per_second=2000.0,
+        max_tokens_default=24,
+        answer_tokens_min=24,
+        answer_tokens_max=24,
+    )
     running = await start_simulator(settings)
     try:
         yield running
