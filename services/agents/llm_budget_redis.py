@@ -1,0 +1,252 @@
+"""The fleet LLM budget's buckets in Redis, shared by every agent replica, and what happens when Redis is down.
+
+One HASH per backend holds both buckets and the cooldown; every operation is one Lua script, so a
+check-and-take is atomic however many replicas call at once, and every script reads Redis' own
+clock (TIME), so replicas with skewed clocks agree on refills and cooldowns. The key carries a hash
+tag of the backend (`{<prefix>:llm-budget:<sha256(backend)[:16]>}`, like the session's admission
+keys), so on a Redis Cluster a backend's keys share one slot; PEXPIRE drops a key once its buckets
+would be full again and no cooldown runs, so idle backends leave nothing behind.
+
+    {P:llm-budget:<hash>}:buckets  HASH  requests, tokens (levels), at (ms, Redis clock), cool (ms)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from typing import TypeVar
+
+import redis.asyncio as redis
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.retry import Retry
+
+from services.agents import metrics
+from services.agents.llm_budget import (
+    BucketReading,
+    BudgetLimits,
+    LLMBudgetUnavailable,
+    MemoryBuckets,
+    RedisDownPolicy,
+)
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_TIMEOUT_SECONDS = 0.5
+# After a failure the replica budgets alone for this long before it asks Redis again.
+RETRY_REDIS_AFTER_SECONDS = 3.0
+
+_Result = TypeVar("_Result")
+
+# The levels refilled to now: capacity = the per-minute limit, limit/60000 per millisecond.
+# A limit of 0 (unlimited) keeps that level at 0 and the script never checks it.
+PRELUDE = """
+local key = KEYS[1]
+local rpm, tpm = tonumber(ARGV[1]), tonumber(ARGV[2])
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) * 1000 + tonumber(clock[2]) / 1000
+local state = redis.call('HMGET', key, 'requests', 'tokens', 'at', 'cool')
+local elapsed = math.max(0, now - (tonumber(state[3]) or now))
+local requests = math.min(rpm, (tonumber(state[1]) or rpm) + elapsed * rpm / 60000)
+local tokens = math.min(tpm, (tonumber(state[2]) or tpm) + elapsed * tpm / 60000)
+local cool = tonumber(state[4]) or 0
+
+local function save()
+  redis.call('HSET', key, 'requests', tostring(requests), 'tokens', tostring(tokens), 'at', tostring(now),
+    'cool', tostring(cool))
+  -- Once both buckets are full again and no cooldown runs, the key says nothing a missing key does not.
+  local keep_ms = cool - now
+  if rpm > 0 then keep_ms = math.max(keep_ms, (rpm - requests) * 60000 / rpm) end
+  if tpm > 0 then keep_ms = math.max(keep_ms, (tpm - tokens) * 60000 / tpm) end
+  redis.call('PEXPIRE', key, math.ceil(math.max(keep_ms, 0)) + 1000)
+end
+"""
+
+# ARGV[3] tokens wanted. Returns {granted, wait_ms, requests left, tokens left}.
+TAKE = (
+    PRELUDE
+    + """
+local wanted = tonumber(ARGV[3])
+local wait = 0
+if cool > now then
+  wait = cool - now
+else
+  if rpm > 0 and requests < 1 then wait = (1 - requests) * 60000 / rpm end
+  if tpm > 0 and tokens < wanted then wait = math.max(wait, (wanted - tokens) * 60000 / tpm) end
+end
+local granted = 0
+if wait <= 0 then
+  granted = 1
+  if rpm > 0 then requests = requests - 1 end
+  if tpm > 0 then tokens = tokens - wanted end
+end
+save()
+local wait_ms = 0
+if granted == 0 then wait_ms = math.max(1, math.ceil(wait)) end
+return {granted, wait_ms, tostring(requests), tostring(tokens)}
+"""
+)
+
+# ARGV[3] tokens, ARGV[4] requests to add back (negative tokens: a further charge), capped at capacity.
+GIVE_BACK = (
+    PRELUDE
+    + """
+requests = math.min(rpm, requests + tonumber(ARGV[4]))
+tokens = math.min(tpm, tokens + tonumber(ARGV[3]))
+save()
+return 1
+"""
+)
+
+# ARGV[3] cooldown in ms from now; extends a running cooldown, never shortens it.
+COOL_DOWN = (
+    PRELUDE
+    + """
+cool = math.max(cool, now + tonumber(ARGV[3]))
+save()
+return 1
+"""
+)
+
+
+def connect(url: str, *, timeout_seconds: float = DEFAULT_TIMEOUT_SECONDS) -> redis.Redis:
+    """A client for `url` whose every command is bounded by `timeout_seconds` (no I/O until first use)."""
+    return redis.Redis.from_url(
+        url,
+        socket_timeout=timeout_seconds,
+        socket_connect_timeout=timeout_seconds,
+        socket_keepalive=True,
+        # One immediate retry replaces a pooled connection that died with a restarted Redis; no
+        # back-off, so a Redis that is down costs one timeout and the failure policy decides.
+        retry=Retry(NoBackoff(), retries=1, supported_errors=(RedisConnectionError,)),
+        health_check_interval=30,
+        client_name="roundtable-llm-budget",
+    )
+
+
+def bucket_key(prefix: str, backend: str) -> str:
+    """The HASH holding `backend`'s buckets, hash-tagged by a digest of the backend key."""
+    digest = hashlib.sha256(backend.encode()).hexdigest()[:16]
+    return f"{{{prefix}:llm-budget:{digest}}}:buckets"
+
+
+class RedisBuckets:
+    """A backend's buckets in Redis: one atomic script per take, give-back and cooldown."""
+
+    def __init__(self, client: redis.Redis, *, prefix: str = "roundtable") -> None:
+        self._client = client
+        self._prefix = prefix
+        self._take = client.register_script(TAKE)
+        self._give_back = client.register_script(GIVE_BACK)
+        self._cool_down = client.register_script(COOL_DOWN)
+
+    def _key(self, backend: str) -> list[str]:
+        return [bucket_key(self._prefix, backend)]
+
+    async def take(self, backend: str, limits: BudgetLimits, tokens: int) -> BucketReading:
+        """Take one request and `tokens` if both buckets cover them and no cooldown runs (Redis' clock)."""
+        granted, wait_ms, requests, tokens_left = await self._take(
+            keys=self._key(backend), args=[limits.requests_per_minute, limits.tokens_per_minute, tokens]
+        )
+        return BucketReading(bool(granted), int(wait_ms) / 1000, float(requests), float(tokens_left))
+
+    async def give_back(self, backend: str, limits: BudgetLimits, tokens: int, requests: int = 0) -> None:
+        """Add `tokens` (negative: charge more) and `requests` back, capped at capacity."""
+        await self._give_back(
+            keys=self._key(backend), args=[limits.requests_per_minute, limits.tokens_per_minute, tokens, requests]
+        )
+
+    async def cool_down(self, backend: str, limits: BudgetLimits, seconds: float) -> None:
+        """No take on `backend`, by any replica, succeeds before Redis' now + `seconds`."""
+        await self._cool_down(
+            keys=self._key(backend),
+            args=[limits.requests_per_minute, limits.tokens_per_minute, max(0, round(seconds * 1000))],
+        )
+
+    async def close(self) -> None:
+        """Close the connection pool."""
+        await self._client.aclose()
+
+
+class FailoverBuckets:
+    """Redis while it answers; when it does not, fail open (this replica budgets alone) or closed (raise).
+
+    Open: the same limits in memory on this replica, a WARNING once per outage, Redis asked again every
+    few seconds. Closed: LLMBudgetUnavailable, so no call starts that the fleet has not budgeted.
+    """
+
+    def __init__(
+        self,
+        primary: RedisBuckets,
+        when_redis_down: RedisDownPolicy,
+        *,
+        names: Mapping[str, str] | None = None,
+        retry_after_seconds: float = RETRY_REDIS_AFTER_SECONDS,
+    ) -> None:
+        self._primary = primary
+        self._fallback = MemoryBuckets()
+        self._policy = when_redis_down
+        self._names = dict(names or {})
+        self._retry_after_seconds = retry_after_seconds
+        self._down_until: float | None = None
+
+    @property
+    def redis_down(self) -> bool:
+        """Whether the last attempt failed and the fallback is in use."""
+        return self._down_until is not None
+
+    async def _run(
+        self,
+        backend: str,
+        on_redis: Callable[[], Awaitable[_Result]],
+        on_fallback: Callable[[], Awaitable[_Result]],
+    ) -> _Result:
+        if self._down_until is not None and self._policy == "open" and time.monotonic() < self._down_until:
+            return await on_fallback()
+        try:
+            result = await on_redis()
+        except (RedisConnectionError, RedisTimeoutError) as error:
+            metrics.LLM_BUDGET_STORE_ERRORS.labels(backend=self._names.get(backend, backend)).inc()
+            if self._policy == "closed":
+                raise LLMBudgetUnavailable(f"the LLM budget's Redis is unavailable: {error}") from error
+            if self._down_until is None:
+                logger.warning(
+                    "LLM budget: Redis is unavailable (%s); each replica budgets alone until it answers again", error
+                )
+            self._down_until = time.monotonic() + self._retry_after_seconds
+            return await on_fallback()
+        if self._down_until is not None:
+            logger.warning("LLM budget: Redis answers again; the budget is shared by the fleet again")
+            self._down_until = None
+        return result
+
+    async def take(self, backend: str, limits: BudgetLimits, tokens: int) -> BucketReading:
+        """Take from Redis, or per the policy from this replica's buckets."""
+        return await self._run(
+            backend,
+            lambda: self._primary.take(backend, limits, tokens),
+            lambda: self._fallback.take(backend, limits, tokens),
+        )
+
+    async def give_back(self, backend: str, limits: BudgetLimits, tokens: int, requests: int = 0) -> None:
+        """Give back to Redis, or per the policy to this replica's buckets."""
+        await self._run(
+            backend,
+            lambda: self._primary.give_back(backend, limits, tokens, requests),
+            lambda: self._fallback.give_back(backend, limits, tokens, requests),
+        )
+
+    async def cool_down(self, backend: str, limits: BudgetLimits, seconds: float) -> None:
+        """Cool down in Redis (the fleet), or per the policy on this replica."""
+        await self._run(
+            backend,
+            lambda: self._primary.cool_down(backend, limits, seconds),
+            lambda: self._fallback.cool_down(backend, limits, seconds),
+        )
+
+    async def close(self) -> None:
+        """Close the Redis connections."""
+        await self._primary.close()

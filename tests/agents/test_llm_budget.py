@@ -1,0 +1,311 @@
+"""The fleet LLM budget's contract: the in-memory and the Redis budget pass one suite (buckets, settle, fairness)."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from collections.abc import AsyncIterator, Callable, Mapping
+from typing import Protocol
+
+import pytest
+from prometheus_client import REGISTRY
+
+from services.agents.llm_budget import (
+    BudgetLimits,
+    FleetBudget,
+    LLMBudget,
+    LLMBudgetExhausted,
+    Reservation,
+    UnlimitedBudget,
+    build_budget,
+)
+from services.agents.llm_budget_redis import bucket_key, connect
+from tests.redis_server import redis_server, redis_url  # noqa: F401  (fixtures the redis case uses)
+
+BACKEND = "https://llm.example/v1#0123456789ab"
+OTHER_BACKEND = "https://other.example/v1#ba9876543210"
+_numbers = itertools.count()
+
+
+class MakeBudget(Protocol):
+    """Builds a budget of the kind under test; `name` is its backend's metrics label."""
+
+    def __call__(self, limits: Mapping[str, BudgetLimits], *, name: str = "") -> LLMBudget: ...
+
+
+def fresh_name() -> str:
+    """A metrics label no other test uses (every test shares prometheus_client's registry)."""
+    return f"test-backend-{next(_numbers)}"
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def make_budget(request: pytest.FixtureRequest) -> AsyncIterator[MakeBudget]:
+    """Builds budgets of one kind (Redis: a real redis-server, emptied for the test), closed at the end."""
+    url = request.getfixturevalue("redis_url") if request.param == "redis" else ""
+    built: list[LLMBudget] = []
+
+    def make(limits: Mapping[str, BudgetLimits], *, name: str = "") -> LLMBudget:
+        budget = build_budget(limits, redis_url=url, names={backend: name or fresh_name() for backend in limits})
+        built.append(budget)
+        return budget
+
+    yield make
+    for budget in built:
+        await budget.close()
+
+
+def limits(requests_per_minute: int = 0, tokens_per_minute: int = 0) -> dict[str, BudgetLimits]:
+    return {BACKEND: BudgetLimits(requests_per_minute, tokens_per_minute)}
+
+
+def soon(seconds: float) -> float:
+    """A deadline `seconds` from now, on the clock reserve() reads."""
+    return time.monotonic() + seconds
+
+
+async def reserve(
+    budget: LLMBudget, tokens: int = 0, principal: str = "alice", within: float | None = None
+) -> Reservation:
+    return await budget.reserve(BACKEND, principal, tokens, None if within is None else soon(within))
+
+
+async def granted_now(budget: LLMBudget, tokens: int = 0) -> bool:
+    """Whether a reserve is granted at once (well before any refill could make room)."""
+    try:
+        await reserve(budget, tokens, within=0.3)
+    except LLMBudgetExhausted:
+        return False
+    return True
+
+
+def gauge(name: str, backend: str) -> float:
+    return REGISTRY.get_sample_value(name, {"backend": backend}) or 0.0
+
+
+async def eventually(condition: Callable[[], bool], within_seconds: float = 5.0) -> None:
+    deadline = time.monotonic() + within_seconds
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.01)
+
+
+# --- which budget the configuration gives -----------------------------------------------------------
+
+
+async def test_build_budget_is_unlimited_without_limits_and_in_memory_without_redis() -> None:
+    assert isinstance(build_budget({}), UnlimitedBudget)
+    assert isinstance(build_budget({BACKEND: BudgetLimits(0, 0)}, redis_url="redis://127.0.0.1:1/0"), UnlimitedBudget)
+    memory = build_budget(limits(requests_per_minute=1))
+    assert isinstance(memory, FleetBudget)
+    # A backend without an entry in the limits is unlimited: no wait though the other's bucket is empty.
+    await reserve(memory)
+    assert not await granted_now(memory)
+    await memory.reserve(OTHER_BACKEND, "alice", 10**9, soon(0.1))
+    await memory.close()
+
+
+def test_limits_are_never_negative() -> None:
+    with pytest.raises(ValueError, match=">= 0"):
+        BudgetLimits(-1, 0)
+
+
+# --- the contract, memory and Redis alike ------------------------------------------------------------
+
+
+async def test_a_burst_gets_exactly_what_the_bucket_holds_and_the_rest_waits(make_budget: MakeBudget) -> None:
+    budget = make_budget(limits(requests_per_minute=20))
+    calls = [asyncio.create_task(reserve(budget, principal=f"p{number % 7}")) for number in range(200)]
+    await eventually(lambda: sum(call.done() for call in calls) >= 20)
+    # One request refills every 3 s: nothing more can be granted in the next half second.
+    await asyncio.sleep(0.5)
+    assert sum(call.done() for call in calls) == 20
+    assert all(call.exception() is None for call in calls if call.done())
+    await budget.close()
+    results = await asyncio.gather(*calls, return_exceptions=True)
+    assert sum(isinstance(result, LLMBudgetExhausted) for result in results) == 180, "close() wakes every waiter"
+
+
+async def test_the_buckets_refill_over_time(make_budget: MakeBudget) -> None:
+    budget = make_budget(limits(requests_per_minute=120, tokens_per_minute=6000))
+    for _ in range(120):
+        await reserve(budget)
+    started = time.monotonic()
+    await reserve(budget, within=5)  # one request refills every 0.5 s
+    assert 0.3 <= time.monotonic() - started < 2.5
+    await reserve(budget, tokens=6000, within=5)  # empties the tokens; 100 refill a second
+    started = time.monotonic()
+    await reserve(budget, tokens=50, within=5)
+    assert 0.3 <= time.monotonic() - started < 2.5
+
+
+async def test_settle_refunds_what_the_call_did_not_use(make_budget: MakeBudget) -> None:
+    budget = make_budget(limits(tokens_per_minute=1000))
+    reservation = await reserve(budget, tokens=1000)
+    assert not await granted_now(budget, tokens=600)
+    await reservation.settle(400)
+    assert await granted_now(budget, tokens=590)
+
+
+async def test_settle_charges_more_when_the_call_used_more(make_budget: MakeBudget) -> None:
+    budget = make_budget(limits(tokens_per_minute=1000))
+    reservation = await reserve(budget, tokens=500)
+    await reservation.settle(900)
+    # 1000 − 900 = 100 left: the over-use is charged, so 300 more do not fit.
+    assert not await granted_now(budget, tokens=300)
+    assert await granted_now(budget, tokens=90)
+
+
+async def test_a_reservation_larger_than_the_bucket_is_clamped_to_it(make_budget: MakeBudget) -> None:
+    budget = make_budget(limits(tokens_per_minute=1000))
+    assert await granted_now(budget, tokens=5000)
+    assert not await granted_now(budget, tokens=100)
+
+
+async def test_settle_is_idempotent(make_budget: MakeBudget) -> None:
+    budget = make_budget(limits(tokens_per_minute=1000))
+    first = await reserve(budget, tokens=600)
+    await reserve(budget, tokens=400)
+    await first.settle(0)
+    await first.settle(0)  # a second settle gives nothing back
+    await first.settle(10_000)  # nor charges anything
+    assert not await granted_now(budget, tokens=700)
+    assert await granted_now(budget, tokens=590)
+
+
+async def test_a_cancelled_waiter_leaves_and_its_place_goes_to_the_next(make_budget: MakeBudget) -> None:
+    name = fresh_name()
+    budget = make_budget(limits(requests_per_minute=30), name=name)
+    for _ in range(30):
+        await reserve(budget)
+    exhausted_at = time.monotonic()
+    leaving = asyncio.create_task(reserve(budget, principal="alice"))
+    staying = asyncio.create_task(reserve(budget, principal="bob"))
+    await eventually(lambda: gauge("roundtable_llm_budget_waiting_calls", name) == 2)
+    leaving.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await leaving
+    assert gauge("roundtable_llm_budget_waiting_calls", name) == 1
+    await asyncio.wait_for(staying, 10)
+    # The first request refilled (after 2 s) went to bob; had alice's departure cost a place, 4 s.
+    assert time.monotonic() - exhausted_at < 3.5
+    assert gauge("roundtable_llm_budget_waiting_calls", name) == 0
+
+
+async def test_a_waiter_past_its_deadline_gets_exhausted_and_leaves_the_queue(make_budget: MakeBudget) -> None:
+    name = fresh_name()
+    budget = make_budget(limits(requests_per_minute=1), name=name)
+    await reserve(budget)
+    started = time.monotonic()
+    with pytest.raises(LLMBudgetExhausted):
+        await reserve(budget, within=0.2)
+    assert time.monotonic() - started < 1.5
+    with pytest.raises(LLMBudgetExhausted):
+        await budget.reserve(BACKEND, "alice", 0, time.monotonic() - 1)  # already past: no wait at all
+    assert gauge("roundtable_llm_budget_waiting_calls", name) == 0
+
+
+async def test_cool_down_pauses_every_call_and_never_shortens(make_budget: MakeBudget) -> None:
+    name = fresh_name()
+    budget = make_budget(limits(requests_per_minute=600), name=name)
+    cooldowns_before = REGISTRY.get_sample_value("roundtable_llm_budget_cooldowns_total", {"backend": name}) or 0.0
+    await budget.cool_down(BACKEND, 1.0)
+    await budget.cool_down(BACKEND, 0.1)  # a shorter Retry-After later does not end the pause early
+    started = time.monotonic()
+    with pytest.raises(LLMBudgetExhausted):
+        await reserve(budget, within=0.5)
+    await reserve(budget, within=5)
+    assert 0.8 <= time.monotonic() - started < 3
+    assert REGISTRY.get_sample_value("roundtable_llm_budget_cooldowns_total", {"backend": name}) == cooldowns_before + 2
+
+
+async def test_waiting_principals_are_served_round_robin(make_budget: MakeBudget) -> None:
+    budget = make_budget(limits(tokens_per_minute=60_000))
+    await reserve(budget, tokens=10**9)  # empties the bucket; 1000 tokens refill a second
+    order: list[str] = []
+
+    async def call(principal: str) -> None:
+        await reserve(budget, tokens=50, principal=principal)
+        order.append(principal)
+
+    calls = [asyncio.create_task(call("a")) for _ in range(50)]
+    await asyncio.sleep(0.05)  # a's 50 queue first
+    calls += [asyncio.create_task(call("b")) for _ in range(5)]
+    await eventually(lambda: len(order) >= 12, within_seconds=15)
+    assert order[:12].count("b") == 5, order[:12]
+    await budget.close()
+    await asyncio.gather(*calls, return_exceptions=True)
+
+
+async def test_metrics_show_reserved_remaining_and_waiting(make_budget: MakeBudget) -> None:
+    name = fresh_name()
+    budget = make_budget(limits(requests_per_minute=10, tokens_per_minute=1000), name=name)
+    waits_before = REGISTRY.get_sample_value("roundtable_llm_budget_wait_seconds_count") or 0.0
+    reservation = await reserve(budget, tokens=300)
+    assert gauge("roundtable_llm_budget_reserved_tokens", name) == 300
+    assert gauge("roundtable_llm_budget_remaining_tokens", name) == pytest.approx(700, abs=5)
+    assert gauge("roundtable_llm_budget_remaining_requests", name) == pytest.approx(9, abs=0.1)
+    await reservation.settle(100)
+    assert gauge("roundtable_llm_budget_reserved_tokens", name) == 0
+    waiting = asyncio.create_task(reserve(budget, tokens=1000))
+    await eventually(lambda: gauge("roundtable_llm_budget_waiting_calls", name) == 1)
+    waiting.cancel()
+    await asyncio.gather(waiting, return_exceptions=True)
+    assert gauge("roundtable_llm_budget_waiting_calls", name) == 0
+    assert REGISTRY.get_sample_value("roundtable_llm_budget_wait_seconds_count") == waits_before + 2
+
+
+async def test_reserve_after_close_is_exhausted(make_budget: MakeBudget) -> None:
+    budget = make_budget(limits(requests_per_minute=10))
+    await budget.close()
+    with pytest.raises(LLMBudgetExhausted):
+        await reserve(budget)
+
+
+# --- Redis: one budget for the fleet -------------------------------------------------------------------
+
+
+async def test_two_replicas_share_one_quota_and_one_cooldown(redis_url: str) -> None:  # noqa: F811
+    # Two budgets with their own connections: two agent replicas.
+    first = build_budget(limits(requests_per_minute=20), redis_url=redis_url)
+    second = build_budget(limits(requests_per_minute=20), redis_url=redis_url)
+    try:
+        calls = [asyncio.create_task(reserve(budget)) for budget in (first, second) for _ in range(30)]
+        await eventually(lambda: sum(call.done() for call in calls) >= 20)
+        await asyncio.sleep(0.5)
+        assert sum(call.done() for call in calls) == 20, "the replicas together get what one bucket holds"
+        for call in calls:
+            call.cancel()
+        await asyncio.gather(*calls, return_exceptions=True)
+    finally:
+        await first.close()
+        await second.close()
+
+    first = build_budget(limits(requests_per_minute=600), redis_url=redis_url)
+    second = build_budget(limits(requests_per_minute=600), redis_url=redis_url)
+    try:
+        await first.cool_down(BACKEND, 1.0)
+        started = time.monotonic()
+        await reserve(second, within=5)
+        assert time.monotonic() - started >= 0.8, "a 429 seen by one replica pauses the other"
+    finally:
+        await first.close()
+        await second.close()
+
+
+async def test_redis_keys_are_hash_tagged_per_backend_and_expire(redis_url: str) -> None:  # noqa: F811
+    budget = build_budget(limits(requests_per_minute=60, tokens_per_minute=6000), redis_url=redis_url)
+    client = connect(redis_url)
+    try:
+        await reserve(budget, tokens=100)
+        key = bucket_key("roundtable", BACKEND)
+        assert key.startswith("{roundtable:llm-budget:") and "}:buckets" in key
+        assert BACKEND not in key
+        assert await client.keys("*") == [key.encode()]
+        # Full again after a second (one request, 100 tokens refill at 1/s and 100/s), plus a second of slack.
+        assert 0 < await client.pttl(key) <= 2_100
+        await budget.cool_down(BACKEND, 30)
+        assert 29_000 < await client.pttl(key) <= 31_100, "a cooldown keeps the key until it ends"
+    finally:
+        await budget.close()
+        await client.aclose()
