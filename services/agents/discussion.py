@@ -10,11 +10,9 @@ from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-import openai
-
 from services.agents import metrics, prompts
 from services.agents.agent_set import Agent, AgentSet
-from services.agents.llm import ChatMessage, LLMCallTimeout, LLMClient
+from services.agents.llm import ChatMessage, LLMCallFailed, LLMCallTimeout, LLMClient
 from services.gen.roundtable.agents.v1 import agents_pb2
 from services.gen.roundtable.common.v1 import discussion_pb2
 from services.shared.logs import session_context
@@ -227,8 +225,9 @@ class DiscussionRun:
                 if pending_chars >= self._limits.flush_chars or now - last_flush >= self._limits.flush_interval_seconds:
                     self._emit_delta(name, round_number, pending)
                     pending, pending_chars, last_flush = [], 0, now
-        except (openai.APIError, TimeoutError) as error:
-            reason = _describe(error)
+        except (LLMCallFailed, LLMCallTimeout) as error:
+            # The LLM port's own errors: their message names the backend and what went wrong.
+            reason = str(error)
             logger.warning("round %d: %s failed: %s", round_number, name, reason)
             self._emit(agent_failed=discussion_pb2.AgentFailed(agent=name, round=round_number, reason=reason))
             return None
@@ -259,15 +258,3 @@ class DiscussionRun:
     def _emit(self, **event: object) -> None:
         self._ready.append(agents_pb2.AgentEvent(**event))  # type: ignore[arg-type]
         self._wake()
-
-
-def _describe(error: BaseException) -> str:
-    if isinstance(error, openai.APIStatusError):
-        return f"LLM backend answered HTTP {error.status_code} after retries: {error.message}"
-    if isinstance(error, LLMCallTimeout):
-        return str(error)
-    if isinstance(error, openai.APITimeoutError | TimeoutError):
-        return "LLM call timed out"
-    if isinstance(error, openai.APIConnectionError):
-        return f"LLM backend unreachable: {error}"
-    return f"LLM call failed: {error}"

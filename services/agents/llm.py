@@ -1,28 +1,32 @@
-"""LLM calls through the OpenAI-compatible API, with an outbound concurrency cap and a bounded time per call.
+"""The LLM port: the chat types, the errors every client raises, and the router that holds the outbound cap.
 
-Retries are the `openai` client's own (max_retries): on 408/409/429/5xx and
-connection errors it waits what retry-after-ms or Retry-After says when that is
-between 0 and 120 s (and does not retry past 120 s), else 0.5 s × 2^n capped at
-8 s with up to 25 % jitter. Its `timeout` bounds each attempt and each read,
-not the whole call, so this module bounds the whole call, retries included.
-The SDK's retries are counted from the requests it sends (an httpx request hook),
-each call's time and outcome once it ends (services.agents.metrics).
+Two clients speak the OpenAI-compatible streaming API behind it: `StreamingChatClient`
+(services/agents/llm_stream.py, aiohttp + orjson, the default) and `OpenAISDKChatClient`
+(services/agents/llm_openai_sdk.py, the `openai` SDK, kept as the reference). Each backend picks
+one. Whichever answers, a caller sees only this module's types and errors: `LLMCallFailed`,
+`LLMCallTimeout` (and CancelledError), never a library's.
+
+The router owns what does not depend on the client: the outbound cap (calls past it wait outside
+their time), the whole-call time (the configured one, further bounded by the caller's deadline),
+the token counters and the one observation per call of roundtable_llm_request_seconds.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import hashlib
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from dataclasses import dataclass
-from typing import Protocol, cast
-
-import httpx2
-import openai
-from openai.types.chat import ChatCompletionMessageParam
+from typing import Literal, Protocol
 
 from services.agents import metrics
+from services.agents.llm_budget import LLMBudget, LLMBudgetExhausted, LLMBudgetUnavailable, Reservation, UnlimitedBudget
 from services.gen.roundtable.common.v1 import discussion_pb2
+
+ClientKind = Literal["stream", "openai-sdk"]
+CLIENT_KINDS: tuple[ClientKind, ...] = ("stream", "openai-sdk")
 
 
 @dataclass(frozen=True)
@@ -53,23 +57,70 @@ class CallOptions:
 
 @dataclass(frozen=True)
 class Backend:
-    """An OpenAI-compatible endpoint and the model it answers with unless a persona names another."""
+    """An OpenAI-compatible endpoint, the model it answers with unless a persona names another, and its quota."""
 
     name: str
     base_url: str
     api_key: str
     model: str
+    # Which client speaks to it: the lean streaming one, or the openai SDK (the reference).
+    client: ClientKind = "stream"
+    # Sent as OpenAI-Organization / OpenAI-Project when set.
+    organization: str = ""
+    project: str = ""
+    # The provider's quota for this endpoint and key; 0 = no limit.
+    requests_per_minute: int = 0
+    tokens_per_minute: int = 0
+
+    @property
+    def budget_key(self) -> str:
+        """The LLM budget's key: endpoint and key, so two backend names on one key share one quota."""
+        return f"{self.base_url}#{hashlib.sha256(self.api_key.encode()).hexdigest()[:12]}"
+
+
+@dataclass(frozen=True, slots=True)
+class ChatCall:
+    """One call as the router hands it to a backend's client: the request, its time and whose it is."""
+
+    messages: Sequence[ChatMessage]
+    model: str
+    temperature: float
+    max_tokens: int
+    principal: str
+    # The call's time, retries included (for messages), and when it ends on time.monotonic().
+    timeout_seconds: float
+    deadline: float
+
+    @property
+    def token_estimate(self) -> int:
+        """What the call may cost at most: prompt characters / 4 + 1, plus max_tokens (as the simulator charges)."""
+        return sum(len(m.content) for m in self.messages) // 4 + 1 + self.max_tokens
+
+    def timed_out(self) -> LLMCallTimeout:
+        """The error of a call whose time ran out."""
+        return LLMCallTimeout(f"LLM call timed out after {self.timeout_seconds:.1f} s")
 
 
 # The service's own backend and settings.
 DEFAULT_OPTIONS = CallOptions()
 
-# The header in which the openai SDK numbers the attempts of one call (0, then 1, 2, … for its retries).
-RETRY_COUNT_HEADER = "x-stainless-retry-count"
+
+class LLMCallFailed(Exception):
+    """An LLM call failed for good (retries spent, or an error no retry can fix); the reason names the backend."""
+
+    def __init__(self, reason: str, retryable: bool) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        # Whether sending the same request again could succeed (429, 5xx, a lost connection).
+        self.retryable = retryable
 
 
 class LLMCallTimeout(TimeoutError):
     """A call, retries included, did not finish within its time (the configured one or the caller's deadline)."""
+
+
+# What a budget wait that outlived the call's deadline reports.
+BUDGET_TIMEOUT_REASON = "waited for the LLM budget until the deadline"
 
 
 class LLMClient(Protocol):
@@ -88,8 +139,37 @@ class LLMClient(Protocol):
         ...
 
 
-class OpenAIChatClient:
-    """The OpenAI-compatible backends of this replica: the default one and any the persona file adds."""
+class BackendClient(Protocol):
+    """One backend's HTTP client: streams a call, raising only LLMCallFailed, LLMCallTimeout or CancelledError."""
+
+    def stream(self, call: ChatCall) -> AsyncGenerator[ChatChunk, None]:
+        """Yield the answer's text as it arrives, then (last) its usage, within call.deadline."""
+        ...
+
+    async def close(self) -> None:
+        """Close the backend's connections."""
+        ...
+
+
+def build_backend_client(
+    backend: Backend, *, max_retries: int, max_concurrent_calls: int, budget: LLMBudget
+) -> BackendClient:
+    """The client the backend asks for; the openai SDK is imported only when a backend uses it."""
+    if backend.client == "openai-sdk":
+        from services.agents.llm_openai_sdk import OpenAISDKChatClient
+
+        return OpenAISDKChatClient(
+            backend, max_retries=max_retries, max_concurrent_calls=max_concurrent_calls, budget=budget
+        )
+    from services.agents.llm_stream import StreamingChatClient
+
+    return StreamingChatClient(
+        backend, max_retries=max_retries, max_concurrent_calls=max_concurrent_calls, budget=budget
+    )
+
+
+class LLMRouter:
+    """The OpenAI-compatible backends of this replica (the default one and any the persona file adds), one cap."""
 
     def __init__(
         self,
@@ -100,12 +180,20 @@ class OpenAIChatClient:
         max_tokens: int,
         max_retries: int,
         max_concurrent_calls: int,
+        budget: LLMBudget | None = None,
     ) -> None:
         self.default = default
         self.backends = {backend.name: backend for backend in extra}
+        self.budget: LLMBudget = budget or UnlimitedBudget()
+
+        def client_of(backend: Backend) -> BackendClient:
+            return build_backend_client(
+                backend, max_retries=max_retries, max_concurrent_calls=max_concurrent_calls, budget=self.budget
+            )
+
         # One connection pool per endpoint; the outbound cap below is shared by all of them.
-        self._clients = {b.name: _client(b, max_retries, max_concurrent_calls) for b in extra}
-        self._default_client = _client(default, max_retries, max_concurrent_calls)
+        self.clients = {backend.name: client_of(backend) for backend in extra}
+        self.default_client = client_of(default)
         self._temperature = temperature
         self._max_tokens = max_tokens
         # Queue rather than fail when the provider's concurrency is spoken for.
@@ -126,8 +214,8 @@ class OpenAIChatClient:
         options: CallOptions = DEFAULT_OPTIONS,
         principal: str = "",
     ) -> AsyncIterator[ChatChunk]:
-        """Stream one completion; raises openai.APIError when retries are spent, LLMCallTimeout when time is."""
-        client = self._clients[options.backend] if options.backend else self._default_client
+        """Stream one completion; raises LLMCallFailed when it fails for good, LLMCallTimeout when time is spent."""
+        client = self.clients[options.backend] if options.backend else self.default_client
         _, model = self.describe(options)
         with metrics.LLM_CALLS_WAITING.track_inprogress():
             await self._slots.acquire()
@@ -139,53 +227,25 @@ class OpenAIChatClient:
         try:
             # The time starts once a slot is ours (queueing is not the provider's slowness), but the
             # caller's deadline (time.monotonic) bounds the queue and the call alike.
-            budget = timeout_seconds if deadline is None else min(timeout_seconds, deadline - time.monotonic())
-            if budget <= 0:
+            seconds = timeout_seconds if deadline is None else min(timeout_seconds, deadline - started)
+            if seconds <= 0:
                 raise LLMCallTimeout("the caller's deadline passed before the LLM call could start")
-            expires = asyncio.get_running_loop().time() + budget
-            try:
-                # Each await is bounded on its own: a timeout scope must never span a yield.
-                async with asyncio.timeout_at(expires):
-                    stream = await client.chat.completions.create(
-                        model=model,
-                        messages=[
-                            cast(ChatCompletionMessageParam, {"role": m.role, "content": m.content}) for m in messages
-                        ],
-                        temperature=self._temperature if options.temperature is None else options.temperature,
-                        max_tokens=options.max_tokens or self._max_tokens,
-                        stream=True,
-                        stream_options={"include_usage": True},
-                        # httpx applies this per read, so it bounds a silent server, not the whole call.
-                        timeout=budget,
-                    )
-                pieces = 0
-                usage_sent = False
-                async with stream:
-                    chunks = aiter(stream)
-                    while True:
-                        async with asyncio.timeout_at(expires):
-                            try:
-                                chunk = await anext(chunks)
-                            except StopAsyncIteration:
-                                break
-                        if chunk.choices and chunk.choices[0].delta.content:
-                            pieces += 1
-                            yield ChatChunk(text=chunk.choices[0].delta.content)
-                        if chunk.usage is not None:
-                            usage_sent = True
-                            usage = discussion_pb2.TokenUsage(
-                                prompt_tokens=chunk.usage.prompt_tokens,
-                                completion_tokens=chunk.usage.completion_tokens,
-                                total_tokens=chunk.usage.total_tokens,
-                            )
-                            _count_tokens(usage)
-                            yield ChatChunk(usage=usage)
-                if not usage_sent:
-                    usage = _estimated_usage(messages, pieces)
-                    _count_tokens(usage)
-                    yield ChatChunk(usage=usage)
-            except (TimeoutError, openai.APITimeoutError) as error:
-                raise LLMCallTimeout(f"LLM call timed out after {budget:.1f} s") from error
+            call = ChatCall(
+                messages=messages,
+                model=model,
+                temperature=self._temperature if options.temperature is None else options.temperature,
+                max_tokens=options.max_tokens or self._max_tokens,
+                principal=principal,
+                timeout_seconds=seconds,
+                deadline=started + seconds,
+            )
+            # aclosing: a caller that stops reading closes the client's stream (and its socket) now.
+            async with contextlib.aclosing(client.stream(call)) as chunks:
+                async for chunk in chunks:
+                    if chunk.usage is not None:
+                        metrics.LLM_PROMPT_TOKENS.inc(chunk.usage.prompt_tokens)
+                        metrics.LLM_COMPLETION_TOKENS.inc(chunk.usage.completion_tokens)
+                    yield chunk
             outcome = metrics.LLM_REQUEST_OK
         except LLMCallTimeout:
             outcome = metrics.LLM_REQUEST_TIMEOUT
@@ -201,51 +261,33 @@ class OpenAIChatClient:
             self._slots.release()
 
     async def close(self) -> None:
-        """Close every HTTP connection pool."""
-        await self._default_client.close()
-        for client in self._clients.values():
+        """Close every backend's connection pool."""
+        await self.default_client.close()
+        for client in self.clients.values():
             await client.close()
 
 
-def _client(backend: Backend, max_retries: int, max_concurrent_calls: int) -> openai.AsyncOpenAI:
-    # The SDK's own HTTP client defaults (timeout, redirects), plus a hook on every attempt it sends.
-    http_client = openai.DefaultAsyncHttpxClient(
-        event_hooks={"request": [_count_retry]}, limits=connection_limits(max_concurrent_calls)
-    )
-    return openai.AsyncOpenAI(
-        base_url=backend.base_url, api_key=backend.api_key, max_retries=max_retries, http_client=http_client
-    )
-
-
-def connection_limits(max_concurrent_calls: int) -> httpx2.Limits:
-    """A pool with a connection for every call the outbound cap lets through, so only the cap queues.
-
-    The SDK's default pool (1,000 connections) would make calls past it wait for a connection
-    inside their time budget and end as LLMCallTimeout; the cap's queue is outside it.
-    """
-    return httpx2.Limits(
-        max_connections=max_concurrent_calls, max_keepalive_connections=min(max_concurrent_calls, 1000)
-    )
-
-
-async def _count_retry(request: httpx2.Request) -> None:
-    """Count the attempts the SDK sends again: it numbers each one in x-stainless-retry-count, 0 the first."""
-    try:
-        retried = int(request.headers.get(RETRY_COUNT_HEADER, "0")) > 0
-    except ValueError:
-        retried = False
-    if retried:
-        metrics.LLM_RETRIES.inc()
-
-
-def _count_tokens(usage: discussion_pb2.TokenUsage) -> None:
-    metrics.LLM_PROMPT_TOKENS.inc(usage.prompt_tokens)
-    metrics.LLM_COMPLETION_TOKENS.inc(usage.completion_tokens)
-
-
-def _estimated_usage(messages: Sequence[ChatMessage], pieces: int) -> discussion_pb2.TokenUsage:
+def estimated_usage(messages: Sequence[ChatMessage], pieces: int) -> discussion_pb2.TokenUsage:
     """Usage for a server that streams none (llama.cpp's): one token a streamed piece, 4 prompt characters a token."""
     prompt_tokens = sum(len(m.content) for m in messages) // 4 + 1
     return discussion_pb2.TokenUsage(
         prompt_tokens=prompt_tokens, completion_tokens=pieces, total_tokens=prompt_tokens + pieces
     )
+
+
+async def reserve_budget(budget: LLMBudget, budget_key: str, call: ChatCall, backend_name: str) -> Reservation:
+    """Wait for the budget's room for one attempt of the call; its refusals leave as LLMCallTimeout / LLMCallFailed."""
+    try:
+        return await budget.reserve(budget_key, call.principal, call.token_estimate, call.deadline)
+    except LLMBudgetExhausted as error:
+        raise LLMCallTimeout(BUDGET_TIMEOUT_REASON) from error
+    except LLMBudgetUnavailable as error:
+        raise LLMCallFailed(f"LLM budget of backend {backend_name} unavailable: {error}", False) from error
+
+
+async def settle_reservation(reservation: Reservation, used_tokens: int, *, shielded: bool) -> None:
+    """Settle an attempt's reservation; shielded (after a failure or a cancel) so a second cancel cannot skip it."""
+    if shielded:
+        await asyncio.shield(reservation.settle(used_tokens))
+    else:
+        await reservation.settle(used_tokens)

@@ -33,7 +33,14 @@ LLM_COMPLETION_TOKENS = LLM_TOKENS.labels(direction="completion")
 
 LLM_RETRIES = Counter(
     "roundtable_llm_retries_total",
-    "LLM HTTP requests the openai SDK sent again after a 408/409/429/5xx, a timeout or a connection error.",
+    "LLM HTTP requests sent again (by either client) after a 408/409/429/5xx, a timeout or a connection error.",
+)
+LLM_RATE_LIMITED = Counter(
+    "roundtable_llm_rate_limited_total", "HTTP 429 answers received from LLM providers (each pauses the backend)."
+)
+LLM_MALFORMED_LINES = Counter(
+    "roundtable_llm_malformed_lines_total",
+    "SSE data lines from LLM providers that were not a chat-completion chunk, skipped by the streaming client.",
 )
 LLM_CALLS_IN_FLIGHT = Gauge("roundtable_llm_calls_in_flight", "LLM calls holding an outbound slot on this replica.")
 LLM_CALLS_WAITING = Gauge(

@@ -7,7 +7,7 @@ import pathlib
 import tomllib
 from dataclasses import dataclass
 
-from services.agents.llm import CallOptions
+from services.agents.llm import CLIENT_KINDS, CallOptions, ClientKind
 
 DEFAULT_PERSONAS_FILE = pathlib.Path(__file__).with_name("personas.toml")
 # The same bounds AgentsSettings puts on the service-wide values.
@@ -18,7 +18,10 @@ _PERSONA_FIELDS = {
     *("name", "aliases", "description", "role", "moderator"),
     *("backend", "model", "temperature", "max_tokens"),
 }
-_BACKEND_FIELDS = {"name", "base_url", "model", "api_key"}
+_BACKEND_FIELDS = {
+    *("name", "base_url", "model", "api_key", "client", "organization", "project"),
+    *("requests_per_minute", "tokens_per_minute"),
+}
 
 
 class PersonaFileError(ValueError):
@@ -34,6 +37,13 @@ class BackendSpec:
     model: str
     # None: the service's --llm-api-key (local servers ignore it).
     api_key: str | None = None
+    # None: the service's --llm-client.
+    client: ClientKind | None = None
+    organization: str = ""
+    project: str = ""
+    # The provider's quota for this endpoint and key, kept fleet-wide; 0 = no limit.
+    requests_per_minute: int = 0
+    tokens_per_minute: int = 0
 
 
 @dataclass(frozen=True)
@@ -139,8 +149,28 @@ def _parse_backends(path: pathlib.Path, entries: object) -> dict[str, BackendSpe
         api_key = entry.get("api_key")
         if api_key is not None and not isinstance(api_key, str):
             raise PersonaFileError(f"{where}: field 'api_key' must be a string")
+        client = entry.get("client")
+        if client is not None and client not in CLIENT_KINDS:
+            raise PersonaFileError(
+                f"{where}: field 'client' must be one of {', '.join(map(repr, CLIENT_KINDS))}, got {client!r}"
+            )
+        for field in ("organization", "project"):
+            if not isinstance(entry.get(field, ""), str):
+                raise PersonaFileError(f"{where}: field {field!r} must be a string")
+        for field in ("requests_per_minute", "tokens_per_minute"):
+            limit = entry.get(field, 0)
+            if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
+                raise PersonaFileError(f"{where}: field {field!r} must be a whole number, 0 (no limit) or more")
         backends[name] = BackendSpec(
-            name=name, base_url=base_url, model=_non_empty_string(where, entry, "model"), api_key=api_key
+            name=name,
+            base_url=base_url,
+            model=_non_empty_string(where, entry, "model"),
+            api_key=api_key,
+            client=client,
+            organization=entry.get("organization", ""),
+            project=entry.get("project", ""),
+            requests_per_minute=entry.get("requests_per_minute", 0),
+            tokens_per_minute=entry.get("tokens_per_minute", 0),
         )
     return backends
 

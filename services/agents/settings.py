@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pathlib
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
@@ -27,6 +28,24 @@ class AgentsSettings(ServiceSettings):
     )
     llm_api_key: str = Field("sim", description="API key for the LLM backend.")
     llm_model: str = Field("roundtable-sim-1", description="Model name sent to the LLM backend.")
+    llm_client: Literal["stream", "openai-sdk"] = Field(
+        "stream",
+        description="HTTP client of the LLM backend: stream (lean aiohttp + orjson) or openai-sdk (the reference).",
+    )
+    llm_organization: str = Field("", description="OpenAI-Organization header for the LLM backend; empty: none.")
+    llm_project: str = Field("", description="OpenAI-Project header for the LLM backend; empty: none.")
+    llm_requests_per_minute: int = Field(
+        0, ge=0, description="The LLM backend's request quota per minute, kept fleet-wide; 0: no limit."
+    )
+    llm_tokens_per_minute: int = Field(
+        0, ge=0, description="The LLM backend's token quota per minute, kept fleet-wide; 0: no limit."
+    )
+    llm_budget_redis_url: str = Field(
+        "", description="Redis URL of the LLM budget shared by every replica; empty: this replica's memory."
+    )
+    llm_budget_when_redis_down: Literal["open", "closed"] = Field(
+        "open", description="When the budget's Redis is unreachable: open (calls go ahead) or closed (calls fail)."
+    )
     llm_temperature: float = Field(0.7, ge=0, le=2, description="Sampling temperature.")
     llm_max_tokens: int = Field(256, ge=1, le=32_768, description="Longest answer of one agent, in tokens.")
     llm_timeout_seconds: float = Field(

@@ -8,13 +8,11 @@ from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import httpx2
-import openai
 import pytest
 
 from services.agents.agent_set import AgentSet, AgentSetRegistry
 from services.agents.discussion import DiscussionRun, StreamingLimits
-from services.agents.llm import DEFAULT_OPTIONS, CallOptions, ChatChunk, ChatMessage
+from services.agents.llm import DEFAULT_OPTIONS, CallOptions, ChatChunk, ChatMessage, LLMCallFailed
 from services.agents.personas import PersonaRegistry
 from services.gen.roundtable.agents.v1 import agents_pb2
 from services.gen.roundtable.common.v1 import discussion_pb2
@@ -74,11 +72,7 @@ class FakeLLM:
             for _ in range(5):
                 await asyncio.sleep(0)
             if persona in self.failing:
-                raise openai.InternalServerError(
-                    message="boom",
-                    response=httpx2.Response(500, request=httpx2.Request("POST", "http://x")),
-                    body=None,
-                )
+                raise LLMCallFailed("LLM backend simulator answered HTTP 500: boom", retryable=True)
             if self.hang:
                 if self.in_flight == self.expected_hanging:
                     self.all_hanging.set()

@@ -120,7 +120,7 @@ async def test_when_every_persona_fails_the_discussion_fails_with_each_reason(ma
     assert doc.status == session_pb2.DISCUSSION_STATUS_FAILED
     assert doc.error.startswith("every agent failed")
     for persona in ("科学家", "经济学家"):
-        assert f"{persona}: LLM backend answered HTTP 500" in doc.error
+        assert f"{persona}: LLM backend simulator answered HTTP 500" in doc.error
     assert not doc.summary
     assert {r.persona for r in records_of(suite, "nobody home")} == {"科学家", "经济学家"}
 

@@ -1,15 +1,17 @@
-"""The openai SDK's connection pool never queues a call: only the outbound cap does, outside each call's time."""
+"""Neither client's connection pool queues a call: only the outbound cap does, outside each call's time."""
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
 
+import aiohttp
 import httpx2
-import openai
 import pytest
 
-from services.agents.llm import Backend, ChatMessage, OpenAIChatClient
+from services.agents.llm import CLIENT_KINDS, Backend, ChatMessage, ClientKind, LLMCallFailed, LLMRouter
+from services.agents.llm_openai_sdk import OpenAISDKChatClient
+from services.agents.llm_stream import StreamingChatClient
 from services.simulator.app import RequestRecord
 from services.simulator.server import RunningSimulator, start_simulator
 from services.simulator.settings import SimulatorSettings
@@ -26,9 +28,11 @@ async def slow_simulator() -> AsyncIterator[RunningSimulator]:
         yield simulator
 
 
-def client_for(simulator: RunningSimulator, max_concurrent_calls: int) -> OpenAIChatClient:
-    return OpenAIChatClient(
-        default=Backend(name="simulator", base_url=simulator.base_url, api_key="sim", model="roundtable-sim-1"),
+def client_for(simulator: RunningSimulator, max_concurrent_calls: int, client: ClientKind = "openai-sdk") -> LLMRouter:
+    return LLMRouter(
+        default=Backend(
+            name="simulator", base_url=simulator.base_url, api_key="sim", model="roundtable-sim-1", client=client
+        ),
         temperature=0.7,
         max_tokens=16,
         max_retries=0,
@@ -49,38 +53,63 @@ def most_at_once(records: list[RequestRecord]) -> int:
     return highest
 
 
-async def answer(llm: OpenAIChatClient, n: int, timeout_seconds: float) -> str:
+async def answer(llm: LLMRouter, n: int, timeout_seconds: float) -> str:
     messages = [ChatMessage("system", "You are 科学家."), ChatMessage("user", f"话题: pool {n}")]
     return "".join([c.text async for c in llm.stream_chat(messages, timeout_seconds=timeout_seconds)])
 
 
-async def test_each_endpoint_pools_a_connection_for_every_call_the_cap_lets_through() -> None:
-    llm = OpenAIChatClient(
-        default=Backend(name="a", base_url="http://127.0.0.1:9/v1", api_key="k", model="m"),
-        extra=[Backend(name="b", base_url="http://127.0.0.1:10/v1", api_key="k", model="m")],
+async def test_each_sdk_endpoint_pools_a_connection_for_every_call_the_cap_lets_through() -> None:
+    llm = LLMRouter(
+        default=Backend(name="a", base_url="http://127.0.0.1:9/v1", api_key="k", model="m", client="openai-sdk"),
+        extra=[Backend(name="b", base_url="http://127.0.0.1:10/v1", api_key="k", model="m", client="openai-sdk")],
         temperature=0.7,
         max_tokens=16,
         max_retries=0,
         max_concurrent_calls=3000,  # past the SDK's default pool of 1,000
     )
+    clients = [llm.default_client, *llm.clients.values()]
+    assert all(isinstance(client, OpenAISDKChatClient) for client in clients)
     try:
-        for sdk_client in (llm._default_client, *llm._clients.values()):
+        for client in clients:
             # httpcore's pool, as the SDK's httpx client built it.
-            pool = sdk_client._client._transport._pool  # type: ignore[attr-defined]
+            pool = client.sdk._client._transport._pool  # type: ignore[attr-defined]
             assert (pool._max_connections, pool._max_keepalive_connections) == (3000, 1000)
     finally:
         await llm.close()
-    assert all(client.is_closed() for client in (llm._default_client, *llm._clients.values()))
+    assert all(client.sdk.is_closed() for client in clients)  # type: ignore[attr-defined]
 
 
+async def test_each_streaming_endpoint_pools_a_socket_for_every_call_the_cap_lets_through() -> None:
+    llm = LLMRouter(
+        default=Backend(name="a", base_url="http://127.0.0.1:9/v1", api_key="k", model="m"),
+        extra=[Backend(name="b", base_url="http://127.0.0.1:10/v1", api_key="k", model="m")],
+        temperature=0.7,
+        max_tokens=16,
+        max_retries=0,
+        max_concurrent_calls=3000,
+    )
+    clients = [llm.default_client, *llm.clients.values()]
+    assert all(isinstance(client, StreamingChatClient) for client in clients)
+    sessions = [client.session for client in clients]  # type: ignore[attr-defined]
+    try:
+        for session in sessions:
+            connector = session.connector
+            assert isinstance(connector, aiohttp.TCPConnector)
+            assert (connector.limit, connector.limit_per_host) == (3000, 0)
+    finally:
+        await llm.close()
+    assert all(session.closed for session in sessions)
+
+
+@pytest.mark.parametrize("client", CLIENT_KINDS)
 async def test_calls_past_the_cap_wait_outside_their_time_and_none_waits_for_a_connection(
-    slow_simulator: RunningSimulator, monkeypatch: pytest.MonkeyPatch
+    slow_simulator: RunningSimulator, monkeypatch: pytest.MonkeyPatch, client: ClientKind
 ) -> None:
     # The SDK's default pool shrunk to 2 connections stands in for its 1,000 at scale: with it the
     # 3rd call onwards would wait for a connection inside its 1 s and time out.
     monkeypatch.setattr("openai._base_client.DEFAULT_CONNECTION_LIMITS", httpx2.Limits(max_connections=2))
     cap, extra = 8, 4
-    llm = client_for(slow_simulator, max_concurrent_calls=cap)
+    llm = client_for(slow_simulator, max_concurrent_calls=cap, client=client)
     try:
         answers = await asyncio.gather(*(answer(llm, n, timeout_seconds=1.0) for n in range(cap + extra)))
     finally:
@@ -95,7 +124,7 @@ async def test_without_a_pool_sized_to_the_cap_the_calls_time_out(
     slow_simulator: RunningSimulator, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # The failure the test above guards against, reproduced: a pool smaller than the cap.
-    monkeypatch.setattr("services.agents.llm.connection_limits", lambda _: httpx2.Limits(max_connections=2))
+    monkeypatch.setattr("services.agents.llm_openai_sdk.connection_limits", lambda _: httpx2.Limits(max_connections=2))
     llm = client_for(slow_simulator, max_concurrent_calls=8)
     try:
         outcomes = await asyncio.gather(
@@ -105,4 +134,4 @@ async def test_without_a_pool_sized_to_the_cap_the_calls_time_out(
         await llm.close()
     assert any(isinstance(outcome, TimeoutError) for outcome in outcomes)
     assert most_at_once(slow_simulator.simulator.requests) <= 2
-    assert not any(isinstance(outcome, openai.APIError) for outcome in outcomes)
+    assert not any(isinstance(outcome, LLMCallFailed) for outcome in outcomes)
