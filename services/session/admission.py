@@ -92,8 +92,13 @@ class MemoryAdmission:
         return len(self._queue)
 
     async def admit(self, discussion_id: str, principal: str) -> bool:
-        """Lease a slot, or queue, or raise ResourceExhausted naming the limit."""
+        """Lease a slot, or queue, or raise ResourceExhausted naming the limit; an admitted id keeps its place."""
         self._expire_lapsed()
+        # Idempotent, as in RedisAdmission: a concurrent retry of one create must not count it twice.
+        if discussion_id in self._leases:
+            return True
+        if discussion_id in self._queue:
+            return False
         if self._per_principal[principal] >= self._max_per_principal:
             raise ResourceExhausted(
                 f"you already have {self._max_per_principal} discussions running or queued; "

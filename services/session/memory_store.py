@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import secrets
 
 from services.gen.roundtable.session.v1 import session_pb2
+from services.session.ids import SECRET_BYTES
 from services.session.store import (
     POLL_SECONDS,
     UNFINISHED_STATUSES,
@@ -30,26 +32,28 @@ class MemoryStore:
         self._expires_at: dict[str, float] = {}
         self._events: dict[str, list[DiscussionEvent]] = {}
         self._requests: dict[tuple[str, str], str] = {}
+        self._id_secret = secrets.token_bytes(SECRET_BYTES)
 
     async def create(self, owner: str, discussion: Discussion) -> Discussion:
-        """Insert, or return the owner's discussion with the same request_id."""
-        taken = self._discussions.get(discussion.discussion_id)
-        if taken is not None and not (discussion.request_id and taken.request_id == discussion.request_id):
-            raise DiscussionExists(discussion.discussion_id)
+        """Insert, or return the owner's discussion with the same request_id; a taken id is never overwritten."""
         if discussion.request_id:
             existing = self._requests.get((owner, discussion.request_id))
             if existing is not None and existing in self._discussions:
                 return _copy(self._discussions[existing])
+        if discussion.discussion_id in self._discussions:
+            raise DiscussionExists(discussion.discussion_id)
+        if discussion.request_id:
             self._requests[(owner, discussion.request_id)] = discussion.discussion_id
         self._discussions[discussion.discussion_id] = _copy(discussion)
-        previous_owner = self._owners.get(discussion.discussion_id)
-        if previous_owner is not None:
-            self._owned[previous_owner].discard(discussion.discussion_id)
         self._owners[discussion.discussion_id] = owner
         self._owned.setdefault(owner, set()).add(discussion.discussion_id)
         self._expires_at[discussion.discussion_id] = discussion.expires_at.ToNanoseconds() / 1e9
         self._events[discussion.discussion_id] = []
         return _copy(discussion)
+
+    async def id_secret(self) -> bytes:
+        """This process's secret: the store lives no longer than the process."""
+        return self._id_secret
 
     async def get(self, discussion_id: str) -> Discussion | None:
         """A copy of the document, or None."""

@@ -11,6 +11,7 @@ only, so the same code can run on a Redis Cluster:
     P:{o:<owner>}:requests   HASH  request_id -> id                              (idempotency)
     P:{idx}:expiry           ZSET  id -> expires_at seconds                      (the sweep)
     P:{idx}:unfinished       SET   ids QUEUED or RUNNING                         (restart)
+    P:id-secret              STRING the key that scopes ids by owner               (services/session/ids.py)
 
 Cross-slot updates run in one pipelined round trip, in an order that leaves at
 worst an index entry without a document after a crash mid-way: readers skip those,
@@ -23,6 +24,7 @@ scripts compare them exactly (Lua numbers are doubles) and only ever move them f
 
 from __future__ import annotations
 
+import secrets
 from collections import OrderedDict
 from typing import Any
 
@@ -30,6 +32,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from redis.asyncio.client import Pipeline
 
 from services.gen.roundtable.session.v1 import session_pb2
+from services.session.ids import SECRET_BYTES
 from services.session.redis_connection import (
     Client,
     EncodableArg,
@@ -43,6 +46,7 @@ from services.session.store import (
     UNFINISHED_STATUSES,
     Discussion,
     DiscussionEvent,
+    DiscussionExists,
     DiscussionStatus,
     decode_page_token,
     encode_page_token,
@@ -60,10 +64,13 @@ EVENTS_PER_SCRIPT = 500
 # Returns the owner of the stored document (a retried create finds its own write).
 CREATE_DOC = Script(
     """
-if redis.call('EXISTS', KEYS[1]) == 1 then return redis.call('HGET', KEYS[1], 'owner') end
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  local held = redis.call('HMGET', KEYS[1], 'owner', 'req')
+  return {0, held[1] or '', held[2] or ''}
+end
 redis.call('HSET', KEYS[1], 'doc', ARGV[1], 'owner', ARGV[2], 'req', ARGV[3], 'status', ARGV[4],
            'la', ARGV[5], 'ex', ARGV[6], 'member', ARGV[7])
-return ARGV[2]
+return {1, ARGV[2], ARGV[3]}
 """
 )
 
@@ -247,6 +254,10 @@ class RedisStore:
     def _unfinished_key(self) -> str:
         return f"{self._prefix}:{{idx}}:unfinished"
 
+    @property
+    def _id_secret_key(self) -> str:
+        return f"{self._prefix}:id-secret"
+
     # --- Store -----------------------------------------------------------------------------------------
 
     async def create(self, owner: str, discussion: Discussion) -> Discussion:
@@ -284,16 +295,17 @@ class RedisStore:
                         member,
                     ],
                 )
-                if not discussion.request_id:
-                    CLAIM.queue(pipe, owner_keys, claim_args)
 
             replies = await execute_pipeline(self._redis, SCRIPTS, write)
-            stored_owner = _text(replies[-2] if not discussion.request_id else replies[-1])
-            if stored_owner != owner:
-                raise RuntimeError(f"discussion id {discussion_id} is already taken")
+            created, held_by, held_request_id = replies[-1]
+            if not int(created):
+                # The id is taken: a replay of the owner's own create, or refused. Never overwritten.
+                replayed = await self._replay(owner, discussion, _text(held_by), _text(held_request_id))
+                if replayed is None:
+                    raise DiscussionExists(discussion_id)
+                return replayed
             self._remember_owner(discussion_id, owner)
-            if not discussion.request_id:
-                return _copy(discussion)
+            # Indexed only once the document is known to be ours (a taken id's indexes stay untouched).
             # The claim runs only once the document is written, so a claimed id always has a
             # document unless it was deleted since; then the request id is free to take over.
             winner = _text(await CLAIM(self._redis, owner_keys, claim_args))
@@ -307,6 +319,29 @@ class RedisStore:
                 claim_args[-1] = winner
                 winner = _text(await CLAIM(self._redis, owner_keys, claim_args))
             raise RuntimeError(f"request_id {discussion.request_id!r} kept changing hands")
+
+    async def _replay(
+        self, owner: str, discussion: Discussion, held_by: str, held_request_id: str
+    ) -> Discussion | None:
+        """The owner's discussion a create with a taken id repeats (same request_id), or None."""
+        if not discussion.request_id:
+            return None
+        candidates = [_text(await self._redis.hget(self._owner_keys(owner)[0], discussion.request_id) or b"")]
+        if held_by == owner and held_request_id == discussion.request_id:
+            candidates.append(discussion.discussion_id)  # its claim may still be on the way
+        for candidate in candidates:
+            if candidate and (found := await self.get_with_owner(candidate)) is not None and found[1] == owner:
+                return found[0]
+        return None
+
+    async def id_secret(self) -> bytes:
+        """The secret the first replica made (SET NX): every replica and restart reads the same one."""
+        with unavailable_on_failure("id_secret"):
+            await self._redis.set(self._id_secret_key, secrets.token_bytes(SECRET_BYTES), nx=True)
+            secret = await self._redis.get(self._id_secret_key)
+        if not isinstance(secret, bytes):
+            raise RuntimeError(f"{self._id_secret_key} holds no secret")
+        return secret
 
     async def _discard_unclaimed(self, discussion_id: str) -> None:
         """Remove a document written for a create that lost its request_id race (never indexed by owner)."""

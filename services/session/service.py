@@ -13,6 +13,7 @@ from services.session.admission import Admission, MemoryAdmission
 from services.session.auth import Authenticator, load_keys
 from services.session.document import apply_event
 from services.session.expiry import ExpirySweeper
+from services.session.ids import IdScope
 from services.session.memory_store import MemoryStore
 from services.session.memory_watch import MemoryWatch
 from services.session.metrics import DISCUSSION_CAPACITY
@@ -95,6 +96,7 @@ class SessionService:
         self.runner: DiscussionRunner | None = None
         self.sweeper: ExpirySweeper | None = None
         self.servicer: SessionServicer | None = None
+        self.id_scope: IdScope | None = None
 
     async def start(self) -> None:
         """Open the store, connect to the agent service, take up leftovers, start the background loops."""
@@ -116,6 +118,7 @@ class SessionService:
             ],
         )
         agents: agents_pb2_grpc.AgentServiceAsyncStub = agents_pb2_grpc.AgentServiceStub(self._channel)
+        self.id_scope = IdScope(await self.store.id_secret())
         self.runner = DiscussionRunner(
             store=self.store,
             agents=agents,
@@ -137,6 +140,7 @@ class SessionService:
             authenticator=self.authenticator,
             rate_limiter=self.rate_limiter,
             memory_watch=self.memory_watch,
+            id_scope=self.id_scope,
         )
         await self._take_up_leftovers(self.runner)
         runner = self.runner
@@ -147,6 +151,12 @@ class SessionService:
             store=self.store, runner=self.runner, interval_seconds=self.settings.cleanup_interval_seconds
         )
         self.sweeper.start()
+
+    def store_id(self, owner: str, discussion_id: str) -> str:
+        """The id the store, the agents and the log files know a caller's discussion by (for tools and tests)."""
+        if self.id_scope is None:
+            raise RuntimeError("start() must run before store_id()")
+        return self.id_scope.store_id(owner, discussion_id)
 
     def register(self, server: grpc.aio.Server) -> None:
         """Add the SessionService servicer (built in start(), which the host runs first)."""

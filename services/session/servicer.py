@@ -14,6 +14,7 @@ from services.session import validation
 from services.session.admission import Admission
 from services.session.auth import Authenticator
 from services.session.document import apply_event
+from services.session.ids import IdScope
 from services.session.memory_watch import MemoryWatch
 from services.session.metrics import ADMISSIONS_REJECTED, DISCUSSIONS_CREATED, STREAM_SUBSCRIBERS
 from services.session.notifier import EventNotifier
@@ -42,7 +43,11 @@ STREAM_POLL_SECONDS = 2.0
 
 
 class SessionServicer(session_pb2_grpc.SessionServiceServicer):
-    """Creates, reads, streams, cancels, lists and deletes discussions, each the caller's own."""
+    """Creates, reads, streams, cancels, lists and deletes discussions, each the caller's own.
+
+    Callers name discussions by their own ids; everything below this class knows them by store ids,
+    scoped to their owner (services/session/ids.py): ids are translated here, on the way in and out.
+    """
 
     def __init__(
         self,
@@ -56,8 +61,10 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
         authenticator: Authenticator,
         rate_limiter: RateLimiter,
         memory_watch: MemoryWatch | None,
+        id_scope: IdScope,
     ) -> None:
         self._settings = settings
+        self._ids = id_scope
         self._store = store
         self._runner = runner
         self._admission = admission
@@ -93,8 +100,13 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
         if self._memory is not None:
             self._memory.check()
         await self._check_retention(owner)
-        discussion_id = await self._new_id(context, owner, request_id)
+        public_id, replay = await self._new_id(context, owner, request_id)
+        if replay is not None:
+            return self._as_public(replay, public_id)
+        discussion_id = self._ids.store_id(owner, public_id)
         admitted = await self._admission.admit(discussion_id, owner)
+        # False once the slot turns out to be another create's (a concurrent retry of the same create).
+        release_on_failure = True
         submitted = False
         try:
             now = now_timestamp()
@@ -115,18 +127,18 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
             try:
                 stored = await self._store.create(owner, doc)
             except DiscussionExists as taken:
-                raise AlreadyExists(
-                    f"discussion id {discussion_id} (x-session-id) is taken; propose another"
-                ) from taken
-            if stored.discussion_id != doc.discussion_id:
-                live = self._runner.live(stored.discussion_id)  # idempotent replay
-                return _copy(live.doc) if live is not None else stored
+                # Only the caller's own discussions can hold this store id: this reveals nothing of others'.
+                raise AlreadyExists(f"discussion id {public_id} (x-session-id) is taken; propose another") from taken
+            if stored != doc:  # idempotent replay: the owner's earlier create with this request_id
+                release_on_failure = stored.discussion_id != discussion_id
+                live = self._runner.live(stored.discussion_id)
+                return self._as_public(live.doc if live is not None else stored, owner=owner)
             await self._runner.submit(stored, owner, admitted)
             submitted = True
             DISCUSSIONS_CREATED.inc()
-            return _copy(stored)
+            return self._as_public(stored, public_id)
         finally:
-            if not submitted:
+            if not submitted and release_on_failure:
                 self._runner.forget_promotion(discussion_id)
                 self._runner.start_promoted(await self._admission.release(discussion_id))
 
@@ -137,7 +149,7 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
         owner = await self._caller(context, self._settings.read_cost)
         doc = await self._visible(request.discussion_id, owner)
         await self._touch(doc)
-        return doc
+        return self._as_public(doc, request.discussion_id)
 
     async def StreamDiscussion(
         self, request: session_pb2.StreamDiscussionRequest, context: grpc.aio.ServicerContext
@@ -151,6 +163,7 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
         STREAM_SUBSCRIBERS.inc()
         try:
             async for event in self._follow(doc.discussion_id, request.after_sequence):
+                event.discussion_id = request.discussion_id
                 yield event
         finally:
             STREAM_SUBSCRIBERS.dec()
@@ -187,7 +200,7 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
         doc = await self._visible(request.discussion_id, owner)
         if is_terminal(doc.status):
             raise FailedPrecondition(
-                f"discussion {doc.discussion_id} is already {session_pb2.DiscussionStatus.Name(doc.status)}"
+                f"discussion {request.discussion_id} is already {session_pb2.DiscussionStatus.Name(doc.status)}"
             )
         stopped = await self._runner.stop(
             doc.discussion_id, session_pb2.DISCUSSION_STATUS_CANCELLED, "cancelled by the client"
@@ -196,10 +209,10 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
             await self._runner.release_agents(doc.discussion_id)
         found = await self._store.get(doc.discussion_id)
         if found is None:
-            raise NotFound(f"discussion {doc.discussion_id} not found")
+            raise NotFound(f"discussion {request.discussion_id} not found")
         if not is_terminal(found.status):
-            raise Unavailable(f"discussion {doc.discussion_id} is not running on this replica; retry")
-        return found
+            raise Unavailable(f"discussion {request.discussion_id} is not running on this replica; retry")
+        return self._as_public(found, request.discussion_id)
 
     async def ListDiscussions(
         self, request: session_pb2.ListDiscussionsRequest, context: grpc.aio.ServicerContext
@@ -223,6 +236,9 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
                 next_token = encode_page_token(created_nanos(last), last.discussion_id)
                 discussions = discussions[:index]
                 break
+        # Page tokens hold store ids (the store's keyset); the discussions go out under their owner's ids.
+        for discussion in discussions:
+            discussion.discussion_id = self._ids.public_id(owner, discussion.discussion_id)
         return session_pb2.ListDiscussionsResponse(discussions=discussions, next_page_token=next_token)
 
     async def DeleteDiscussion(
@@ -237,21 +253,28 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
         remove_session_log(doc.discussion_id)
         return session_pb2.DeleteDiscussionResponse()
 
-    async def _new_id(self, context: grpc.aio.ServicerContext, owner: str, request_id: str) -> str:
-        """A fresh id, or the one the client proposed in x-session-id (so a load balancer hashing on it
-        sends the create to the replica that will serve the rest of the discussion)."""
+    async def _new_id(
+        self, context: grpc.aio.ServicerContext, owner: str, request_id: str
+    ) -> tuple[str, session_pb2.Discussion | None]:
+        """The caller's id for the new discussion — fresh, or the one proposed in x-session-id (so a load
+        balancer hashing on it sends the create to the replica that will serve the rest of the discussion)
+        — and the caller's discussion this create repeats, if it is a replay (same id and request_id)."""
         proposed = next((v for k, v in context.invocation_metadata() or () if k == "x-session-id"), None)
         if proposed is None:
-            return secrets.token_hex(16)
+            return secrets.token_hex(16), None
         text = proposed.decode(errors="replace") if isinstance(proposed, bytes) else proposed
         if not validation.DISCUSSION_ID.fullmatch(text):
             raise InvalidArgument(
                 "x-session-id must be 32 lowercase hex characters to name a new discussion", "x-session-id"
             )
-        existing = await self._store.get(text)
-        if existing is not None and not (request_id and existing.request_id == request_id):
+        # Checked before admission, so a replay takes no slot (nor frees the one its original holds).
+        existing = await self._store.get(self._ids.store_id(owner, text))
+        if existing is None:
+            return text, None
+        if not (request_id and existing.request_id == request_id):
             raise AlreadyExists(f"discussion id {text} (x-session-id) is taken; propose another")
-        return text
+        live = self._runner.live(existing.discussion_id)
+        return text, live.doc if live is not None else existing
 
     async def _caller(self, context: grpc.aio.ServicerContext, cost: int) -> str:
         """The authenticated principal, after charging the call to its rate limit."""
@@ -278,13 +301,14 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
             )
 
     async def _visible(self, discussion_id: str, owner: str, *, fold_events: bool = True) -> session_pb2.Discussion:
-        """The caller's discussion, freshest copy; NOT_FOUND for unknown ids and for other callers' ones.
+        """The caller's discussion under its store id, freshest copy; NOT_FOUND for unknown ids and others' ones.
 
         fold_events=False skips bringing another replica's document up to date, for callers that
         need only its id.
         """
         validation.discussion_id(discussion_id)
         not_found = NotFound(f"discussion {discussion_id} not found (it may have expired or been deleted)")
+        discussion_id = self._ids.store_id(owner, discussion_id)
         live = self._runner.live(discussion_id)
         if live is not None:
             if live.owner != owner:
@@ -297,6 +321,14 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
         if fold_events and not is_terminal(doc.status):
             await self._fold_recorded_events(doc)
         return doc
+
+    def _as_public(
+        self, doc: session_pb2.Discussion, public_id: str = "", *, owner: str = ""
+    ) -> session_pb2.Discussion:
+        """A copy of the document under the id its owner knows (given, or mapped back from the store id)."""
+        copy = _copy(doc)
+        copy.discussion_id = public_id or self._ids.public_id(owner, doc.discussion_id)
+        return copy
 
     async def _fold_recorded_events(self, doc: session_pb2.Discussion) -> None:
         """Fold in the events recorded since the document was saved (its replica saves it only at milestones)."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import pathlib
+import secrets
 import sqlite3
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -20,6 +21,7 @@ from typing import Any, TypeVar
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from services.gen.roundtable.session.v1 import session_pb2
+from services.session.ids import SECRET_BYTES
 from services.session.store import (
     POLL_SECONDS,
     UNFINISHED_STATUSES,
@@ -64,6 +66,8 @@ CREATE TABLE IF NOT EXISTS events (
     PRIMARY KEY (discussion_id, sequence),
     FOREIGN KEY (discussion_id) REFERENCES discussions (discussion_id) ON DELETE CASCADE
 ) WITHOUT ROWID;
+-- Values made once per database (the id secret).
+CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value BLOB NOT NULL) WITHOUT ROWID;
 """
 
 # How many discussions each owner keeps, counted by triggers in the transaction that inserts or
@@ -293,6 +297,11 @@ class SqliteStore:
 
     # --- reads and deletes: one trip to the thread each -----------------------------------------------
 
+    async def id_secret(self) -> bytes:
+        """The secret made when the database was created (kept in its meta table)."""
+        rows = await self._query("SELECT value FROM meta WHERE name = 'id_secret'", ())
+        return bytes(rows[0][0])
+
     async def get(self, discussion_id: str) -> Discussion | None:
         """The document, or None."""
         rows = await self._query(f"SELECT {DOCUMENT} FROM discussions WHERE discussion_id = ?", (discussion_id,))
@@ -400,6 +409,7 @@ def _connect(path: pathlib.Path) -> sqlite3.Connection:
         if not connection.execute("SELECT 1 FROM sqlite_master WHERE name = 'owner_counts'").fetchall():
             for statement in OWNER_COUNTS:
                 connection.execute(statement)
+        connection.execute("INSERT OR IGNORE INTO meta VALUES ('id_secret', ?)", (secrets.token_bytes(SECRET_BYTES),))
         connection.execute("COMMIT")
     except BaseException:
         connection.execute("ROLLBACK")

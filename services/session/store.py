@@ -35,7 +35,15 @@ class Store(Protocol):
     """Durable home of discussions and their events."""
 
     async def create(self, owner: str, discussion: Discussion) -> Discussion:
-        """Insert a discussion; if the owner already used its request_id, return that one instead."""
+        """Insert a discussion; if the owner already used its request_id, return that one instead.
+
+        Raises DiscussionExists if the id is taken otherwise: a stored discussion is never replaced.
+        """
+        ...
+
+    async def id_secret(self) -> bytes:
+        """The key that scopes discussion ids by owner (services/session/ids.py): made once, the same for every
+        replica and restart that shares this store."""
         ...
 
     async def get(self, discussion_id: str) -> Discussion | None:

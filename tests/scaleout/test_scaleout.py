@@ -29,6 +29,10 @@ from services.cli.replicas import Fleet
 from services.gen.roundtable.agents.v1 import agents_pb2, agents_pb2_grpc
 from services.gen.roundtable.common.v1 import discussion_pb2
 from services.gen.roundtable.session.v1 import session_pb2, session_pb2_grpc
+from services.session.auth import ANONYMOUS
+from services.session.ids import IdScope
+from services.session.redis_connection import connect
+from services.session.redis_store import RedisStore
 from tests.scaleout.conftest import LEASE_TTL_SECONDS
 
 logger = logging.getLogger(__name__)
@@ -144,13 +148,20 @@ async def agent_holders(fleet: Fleet, discussion_ids: Iterable[str]) -> dict[str
     """For each discussion, the agent replicas that hold its agent set (asked directly, not through Envoy)."""
     holders: dict[str, list[str]] = defaultdict(list)
     ids = list(discussion_ids)
+    # Agent sets are keyed by store ids, scoped to the owner (services/session/ids.py): anonymous here.
+    store = await RedisStore.open(connect(fleet.redis_url))
+    try:
+        scope = IdScope(await store.id_secret())
+    finally:
+        await store.close()
     for replica in fleet.agent_replicas:
         if not replica.alive:
             continue
         async with grpc.aio.insecure_channel(replica.address) as channel:
             stub: agents_pb2_grpc.AgentServiceAsyncStub = agents_pb2_grpc.AgentServiceStub(channel)
             for discussion_id in ids:
-                stats = await stub.GetAgentStats(agents_pb2.GetAgentStatsRequest(session_id=discussion_id), timeout=5)
+                store_id = scope.store_id(ANONYMOUS, discussion_id)
+                stats = await stub.GetAgentStats(agents_pb2.GetAgentStatsRequest(session_id=store_id), timeout=5)
                 if stats.session_present:
                     holders[discussion_id].append(replica.instance_id)
     return {discussion_id: holders.get(discussion_id, []) for discussion_id in ids}

@@ -13,6 +13,7 @@ from grpc_status import rpc_status
 
 from services.gen.roundtable.agents.v1 import agents_pb2
 from services.gen.roundtable.session.v1 import session_pb2
+from services.session.auth import ANONYMOUS
 from services.shared.errors import retry_delay_seconds
 from tests.suite import Suite, run_to_end
 
@@ -68,25 +69,27 @@ async def test_idle_discussions_expire_and_release_their_agent_sets(make_suite: 
         (await run_to_end(stub, session_pb2.CreateDiscussionRequest(topic=f"expire {i}", personas=["engineer"])))[0]
         for i in range(3)
     ]
-    for doc in finished:
+    # The agents, the store and the log files know each by its store id (ids are scoped to their owner).
+    store_ids = [suite.session_service.store_id(ANONYMOUS, doc.discussion_id) for doc in finished]
+    for doc, store_id in zip(finished, store_ids, strict=True):
         assert doc.status == session_pb2.DISCUSSION_STATUS_COMPLETED
-        stats = await agents.GetAgentStats(agents_pb2.GetAgentStatsRequest(session_id=doc.discussion_id))
+        stats = await agents.GetAgentStats(agents_pb2.GetAgentStatsRequest(session_id=store_id))
         assert stats.session_present, "the agent set lives on until the session expires"
 
     async def all_gone() -> bool:
-        for doc in finished:
-            stats = await agents.GetAgentStats(agents_pb2.GetAgentStatsRequest(session_id=doc.discussion_id))
+        for store_id in store_ids:
+            stats = await agents.GetAgentStats(agents_pb2.GetAgentStatsRequest(session_id=store_id))
             if stats.session_present:
                 return False
         return True
 
     await _wait_until(all_gone)
-    for doc in finished:
+    for doc, store_id in zip(finished, store_ids, strict=True):
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await stub.GetDiscussion(session_pb2.GetDiscussionRequest(discussion_id=doc.discussion_id))
         assert caught.value.code() == grpc.StatusCode.NOT_FOUND
-        assert await suite.session_service.store.get(doc.discussion_id) is None
-        assert await suite.session_service.store.events_after(doc.discussion_id, 0, 10) == []
+        assert await suite.session_service.store.get(store_id) is None
+        assert await suite.session_service.store.events_after(store_id, 0, 10) == []
 
 
 async def test_reading_keeps_a_discussion_alive(make_suite: MakeSuite) -> None:
@@ -141,23 +144,26 @@ async def test_a_crash_leaves_no_discussion_running_after_restart(make_suite: Ma
     stale = session_pb2.Discussion()
     stale.CopyFrom(doc)
     stale.status = session_pb2.DISCUSSION_STATUS_RUNNING
+    store_id = suite.session_service.store_id(ANONYMOUS, doc.discussion_id)
+    stale.discussion_id = store_id
     with sqlite3.connect(path) as db:
-        db.execute(
+        updated = db.execute(
             "UPDATE discussions SET status = ?, document = ? WHERE discussion_id = ?",
-            (stale.status, stale.SerializeToString(), doc.discussion_id),
+            (stale.status, stale.SerializeToString(), store_id),
         )
+        assert updated.rowcount == 1
     await suite.restart_session()
     stub = suite.session()
 
     async def settled() -> bool:
         runner = suite.session_service.runner
-        return runner is not None and runner.live(doc.discussion_id) is None
+        return runner is not None and runner.live(store_id) is None
 
     await _wait_until(settled)
     after = await stub.GetDiscussion(session_pb2.GetDiscussionRequest(discussion_id=doc.discussion_id))
     expected = session_pb2.DISCUSSION_STATUS_COMPLETED if resume else session_pb2.DISCUSSION_STATUS_INTERRUPTED
     assert after.status == expected
-    stored = await suite.session_service.store.events_after(doc.discussion_id, 0, 1000)
+    stored = await suite.session_service.store.events_after(store_id, 0, 1000)
     assert stored[-1].status_changed.status == expected
     assert after.results == doc.results  # what was recorded is kept (resuming found nothing left to run)
 
@@ -174,7 +180,8 @@ async def test_cancel_stops_a_running_discussion_and_releases_its_agents(make_su
     # The in-flight LLM request was closed, and the agent set is gone.
     async with asyncio.timeout(1):
         await sim.wait_for_record(lambda r: r.topic == "stop it" and r.client_disconnected)
-    stats = await agents.GetAgentStats(agents_pb2.GetAgentStatsRequest(session_id=created.discussion_id))
+    store_id = suite.session_service.store_id(ANONYMOUS, created.discussion_id)
+    stats = await agents.GetAgentStats(agents_pb2.GetAgentStatsRequest(session_id=store_id))
     assert not stats.session_present
     events = [
         e async for e in stub.StreamDiscussion(session_pb2.StreamDiscussionRequest(discussion_id=created.discussion_id))

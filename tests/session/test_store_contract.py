@@ -16,7 +16,7 @@ from services.session.memory_store import MemoryStore
 from services.session.redis_connection import connect
 from services.session.redis_store import RedisStore
 from services.session.sqlite_store import SqliteStore
-from services.session.store import DiscussionStatus, InvalidPageToken, Store
+from services.session.store import DiscussionExists, DiscussionStatus, InvalidPageToken, Store
 from tests.redis_server import redis_server, redis_url  # noqa: F401  (fixtures the redis case uses)
 
 RUNNING = session_pb2.DISCUSSION_STATUS_RUNNING
@@ -157,6 +157,36 @@ async def test_an_empty_request_id_never_deduplicates(store: Store) -> None:
 
     assert await store.get(first.discussion_id) == first
     assert await store.get(second.discussion_id) == second
+
+
+@pytest.mark.parametrize(
+    ("owner", "request_id"),
+    [(ALICE, "another-key"), (ALICE, ""), (BOB, "alices-key"), (BOB, "")],
+    ids=["same-owner-other-key", "same-owner-no-key", "other-owner-same-key", "other-owner-no-key"],
+)
+async def test_a_taken_id_is_refused_and_changes_nothing(store: Store, owner: str, request_id: str) -> None:
+    held = make_discussion(1, request_id="alices-key", topic="alice's", expires_seconds=5_000)
+    await store.create(ALICE, held)
+    await store.append_events([event(1, 1, "alice's text")])
+
+    with pytest.raises(DiscussionExists):
+        await store.create(owner, make_discussion(1, request_id=request_id, topic="intruder", created_seconds=2_000))
+
+    assert await store.get_with_owner(held.discussion_id) == (held, ALICE)
+    assert [e.agent_delta.text for e in await store.events_after(held.discussion_id, 0, 10)] == ["alice's text"]
+    assert await store.owned(ALICE) == (1, 5_000.0)
+    assert await store.owned(BOB) == (0, None)
+    assert await list_all(store, ALICE, ALL, 10) == [[held.discussion_id]]
+    assert await list_all(store, BOB, ALL, 10) == [[]]
+    # The holder's own retry still finds its discussion.
+    assert await store.create(ALICE, make_discussion(2, request_id="alices-key")) == held
+
+
+async def test_the_id_secret_is_made_once(store: Store) -> None:
+    secret = await store.id_secret()
+
+    assert len(secret) >= 16
+    assert await store.id_secret() == secret
 
 
 async def test_owner_names_the_creator_and_none_for_unknown_ids(store: Store) -> None:
@@ -563,6 +593,7 @@ async def test_sqlite_keeps_everything_across_a_reopen(tmp_path: pathlib.Path) -
     done.summary = "saved before the restart"
     await first.save(done)
     await first.delete(gone.discussion_id)
+    secret = await first.id_secret()
     await first.close()
 
     reopened = await SqliteStore.open(path)
@@ -584,5 +615,20 @@ async def test_sqlite_keeps_everything_across_a_reopen(tmp_path: pathlib.Path) -
         assert [d.discussion_id for d in await reopened.unfinished()] == [kept.discussion_id]
         replay = await reopened.create(ALICE, make_discussion(4, request_id="keep"))
         assert replay.discussion_id == kept.discussion_id
+        assert await reopened.id_secret() == secret
     finally:
         await reopened.close()
+
+
+# --- Redis only --------------------------------------------------------------------------------------
+
+
+async def test_every_redis_store_on_one_redis_reads_the_same_id_secret(redis_url: str) -> None:  # noqa: F811
+    stores = [await RedisStore.open(connect(redis_url)) for _ in range(3)]
+    try:
+        secrets = await asyncio.gather(*(s.id_secret() for s in stores))
+    finally:
+        for opened in stores:
+            await opened.close()
+
+    assert len(set(secrets)) == 1
