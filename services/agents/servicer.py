@@ -14,11 +14,10 @@ from services.agents.llm import CallOptions, LLMClient
 from services.agents.personas import PersonaRegistry
 from services.gen.roundtable.agents.v1 import agents_pb2, agents_pb2_grpc
 from services.shared.errors import FailedPrecondition, InvalidArgument
+from services.shared.limits import MAX_ROUNDS, MAX_SESSION_ID_CHARS, MAX_TOPIC_CHARS
 
 logger = logging.getLogger(__name__)
 
-MAX_ROUNDS = 10
-MAX_TOPIC_CHARS = 4000
 SIMULATOR_NOTICE = "LLM backend is the built-in SIMULATOR: answers are synthetic filler, not a language model's text"
 
 
@@ -73,8 +72,8 @@ class AgentServicer(agents_pb2_grpc.AgentServiceServicer):
         self, request: agents_pb2.RunDiscussionRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[agents_pb2.AgentEvent]:
         """Run the rounds and the summary for one session, streaming every event."""
-        if not request.session_id or len(request.session_id) > 128:
-            raise InvalidArgument("session_id must be 1 to 128 characters", "session_id")
+        if not request.session_id or len(request.session_id) > MAX_SESSION_ID_CHARS:
+            raise InvalidArgument(f"session_id must be 1 to {MAX_SESSION_ID_CHARS} characters", "session_id")
         if not request.topic.strip() or len(request.topic) > MAX_TOPIC_CHARS:
             raise InvalidArgument(f"topic must be 1 to {MAX_TOPIC_CHARS} characters", "topic")
         if not 1 <= request.rounds <= MAX_ROUNDS:

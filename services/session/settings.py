@@ -12,6 +12,7 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 from pydantic_settings import SettingsConfigDict
 
+from services.shared import limits
 from services.shared.settings import ServiceSettings
 
 Profile = Literal["development", "production"]
@@ -92,8 +93,9 @@ class SessionSettings(ServiceSettings):
     resume_interrupted: bool = Field(
         True, description="On restart, resume discussions a stop cut short (else mark them INTERRUPTED)."
     )
-    max_rounds: int = Field(5, ge=1, le=10, description="Most debate rounds a discussion may ask for.")
-    max_topic_chars: int = Field(4000, ge=1, le=100_000, description="Longest topic accepted.")
+    # Bounded by the ceilings the agent service enforces, so what this service accepts runs there.
+    max_rounds: int = Field(5, ge=1, le=limits.MAX_ROUNDS, description="Most debate rounds a discussion may ask for.")
+    max_topic_chars: int = Field(4000, ge=1, le=limits.MAX_TOPIC_CHARS, description="Longest topic accepted.")
     max_personas: int = Field(12, ge=1, description="Most personas a discussion may name.")
     agents_call_timeout_seconds: float = Field(
         1800.0, gt=0, description="Deadline of one discussion's run on the agent service."
