@@ -36,9 +36,7 @@ async def test_get_shows_the_progress_another_replica_recorded_after_its_last_sa
     ]
     await store.append_events([started, *deltas])
 
-    current = await suite.session().GetDiscussion(
-        session_pb2.GetDiscussionRequest(discussion_id=public_id), timeout=10
-    )
+    current = await suite.session().GetDiscussion(session_pb2.GetDiscussionRequest(discussion_id=public_id), timeout=10)
 
     assert current.discussion_id == public_id
     assert current.status == session_pb2.DISCUSSION_STATUS_RUNNING
