@@ -235,6 +235,7 @@ def _board() -> dashboard.Dashboard:
 
     if LLM_METRICS_EXPORTED:
         _llm_row(board)
+        _llm_budget_row(board)
 
     board.with_row(dashboard.Row("Resources"))
     board.with_panel(
@@ -353,6 +354,82 @@ def _llm_row(board: dashboard.Dashboard) -> None:
                 Query("sum(roundtable_llm_calls_in_flight)", "in flight"),
                 Query("sum(roundtable_llm_calls_waiting)", "waiting"),
             ],
+        )
+    )
+
+
+def _llm_budget_row(board: dashboard.Dashboard) -> None:
+    # The fleet LLM budget (services/agents/llm_budget.py): `backend` is each provider key's configured name.
+    board.with_row(dashboard.Row("LLM budget"))
+    board.with_panel(
+        graph(
+            "LLM budget remaining tokens",
+            "Tokens left in each backend's per-minute bucket (shared by the fleet), the lowest any replica last saw.",
+            "short",
+            [Query("min by (backend) (roundtable_llm_budget_remaining_tokens)", "{{backend}}")],
+            width=8,
+        )
+    )
+    board.with_panel(
+        graph(
+            "LLM budget remaining requests",
+            "Requests left in each backend's per-minute bucket, the lowest any agent replica last saw.",
+            "short",
+            [Query("min by (backend) (roundtable_llm_budget_remaining_requests)", "{{backend}}")],
+            width=8,
+        )
+    )
+    board.with_panel(
+        graph(
+            "LLM budget reserved tokens",
+            "Tokens held by LLM calls in flight until they settle to real usage, summed over the replicas.",
+            "short",
+            [Query("sum by (backend) (roundtable_llm_budget_reserved_tokens)", "{{backend}}")],
+            width=8,
+        )
+    )
+    board.with_panel(
+        graph(
+            "LLM calls waiting for budget",
+            "Calls queued for room in their backend's requests or tokens per minute, served fairly across callers.",
+            "short",
+            [Query("sum by (backend) (roundtable_llm_budget_waiting_calls)", "{{backend}}")],
+            width=8,
+        )
+    )
+    board.with_panel(
+        graph(
+            "LLM budget wait",
+            "How long calls waited for room in the budget (0 when there was room at once); "
+            "RoundtableLLMBudgetWaits fires when p95 stays above 10 s.",
+            "s",
+            [
+                Query(
+                    f"histogram_quantile({quantile}, sum by (le) "
+                    f"(rate(roundtable_llm_budget_wait_seconds_bucket[{RATE}])))",
+                    f"p{round(quantile * 100)}",
+                )
+                for quantile in (0.5, 0.95)
+            ],
+            width=8,
+        )
+    )
+    board.with_panel(
+        graph(
+            "LLM 429s and cooldowns",
+            "Provider 429 answers per second, the fleet-wide pauses they started, and budget store (Redis) errors.",
+            "ops",
+            [
+                Query(f"sum(rate(roundtable_llm_rate_limited_total[{RATE}]))", "429s"),
+                Query(
+                    f"sum by (backend) (rate(roundtable_llm_budget_cooldowns_total[{RATE}]))", "{{backend}} cooldowns"
+                ),
+                Query(
+                    f"sum by (backend) (rate(roundtable_llm_budget_store_errors_total[{RATE}]))",
+                    "{{backend}} store errors",
+                ),
+            ],
+            width=8,
         )
     )
 

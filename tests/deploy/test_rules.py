@@ -15,6 +15,7 @@ ALERTS = (
     "RoundtableSaturated",
     "RoundtableHighMemory",
     "RoundtableEventLoopLag",
+    "RoundtableLLMBudgetWaits",
 )
 
 
