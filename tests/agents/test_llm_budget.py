@@ -231,10 +231,12 @@ async def test_waiting_principals_are_served_round_robin(make_budget: MakeBudget
     calls = [asyncio.create_task(call("a")) for _ in range(50)]
     await asyncio.sleep(0.05)  # a's 50 queue first
     calls += [asyncio.create_task(call("b")) for _ in range(5)]
-    await eventually(lambda: len(order) >= 12, within_seconds=15)
-    assert order[:12].count("b") == 5, order[:12]
-    await budget.close()
-    await asyncio.gather(*calls, return_exceptions=True)
+    try:
+        await eventually(lambda: len(order) >= 12, within_seconds=15)
+        assert order[:12].count("b") == 5, "".join(order[:12])
+    finally:
+        await budget.close()
+        await asyncio.gather(*calls, return_exceptions=True)
 
 
 async def test_metrics_show_reserved_remaining_and_waiting(make_budget: MakeBudget) -> None:
