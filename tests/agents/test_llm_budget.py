@@ -12,10 +12,12 @@ import pytest
 from prometheus_client import REGISTRY
 
 from services.agents.llm_budget import (
+    BucketReading,
     BudgetLimits,
     FleetBudget,
     LLMBudget,
     LLMBudgetExhausted,
+    MemoryBuckets,
     Reservation,
     UnlimitedBudget,
     build_budget,
@@ -311,3 +313,36 @@ async def test_redis_keys_are_hash_tagged_per_backend_and_expire(redis_url: str)
     finally:
         await budget.close()
         await client.aclose()
+
+
+class CountingBuckets(MemoryBuckets):
+    """MemoryBuckets that count the takes asked of them: the store round trips a Redis budget would make."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.takes = 0
+
+    async def take(self, backend: str, limits: BudgetLimits, tokens: int) -> BucketReading:
+        self.takes += 1
+        return await super().take(backend, limits, tokens)
+
+
+async def test_only_the_head_of_the_queue_asks_the_store() -> None:
+    store = CountingBuckets()
+    budget = FleetBudget(store, limits(tokens_per_minute=60_000), names={BACKEND: fresh_name()})
+    await reserve(budget, tokens=10**9)  # empties the bucket; 1000 tokens (ten calls) refill a second
+    granted: list[Reservation] = []
+
+    async def call(number: int) -> None:
+        granted.append(await reserve(budget, tokens=100, principal=f"p{number % 10}"))
+
+    calls = [asyncio.create_task(call(number)) for number in range(100)]
+    try:
+        await eventually(lambda: len(granted) >= 10, within_seconds=15)
+        takes, grants = store.takes, len(granted)
+    finally:
+        await budget.close()
+        await asyncio.gather(*calls, return_exceptions=True)
+    # Each grant costs one take and each wake-up (about one per grant here) another; a hundred waiters
+    # polling on their own would have cost a hundred takes per refill.
+    assert takes <= 1 + 2 * grants + 5, (takes, grants)
