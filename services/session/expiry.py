@@ -44,6 +44,8 @@ class ExpirySweeper:
             # here past it is stalled, and is left to its runner's deadline.
             due = [i for i in expired if i not in self._runner.active]
             for discussion_id in due:
+                # A queued one leaves the queue first, freeing its place, so it can never start on a deleted record.
+                await self._runner.drop_queued(discussion_id)
                 if await self._store.delete(discussion_id):
                     removed += 1
                     DISCUSSIONS_EXPIRED.inc()

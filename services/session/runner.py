@@ -68,6 +68,8 @@ class LiveDiscussion:
     stop_reason: str = ""
     # Its lease went to another replica: stop without writing anything more.
     abandoned: bool = False
+    # It waited in the queue: its record may have been removed meanwhile (expired, or deleted elsewhere).
+    waited: bool = False
 
 
 def now_timestamp() -> timestamp_pb2.Timestamp:
@@ -157,6 +159,7 @@ class DiscussionRunner:
         for discussion_id in promoted:
             live = self.queued.pop(discussion_id, None)
             if live is not None:
+                live.waited = True
                 self._start(live)
             else:
                 self._promoted_early.add(discussion_id)
@@ -164,6 +167,15 @@ class DiscussionRunner:
     def forget_promotion(self, discussion_id: str) -> None:
         """A discussion admission promoted will never be submitted (its creation failed or was a replay)."""
         self._promoted_early.discard(discussion_id)
+
+    async def drop_queued(self, discussion_id: str) -> bool:
+        """Take a queued discussion out of the queue, recording nothing (its record is being removed)."""
+        queued = self.queued.pop(discussion_id, None)
+        if queued is None:
+            return False
+        self._notifier.close(discussion_id)
+        self.start_promoted(await self._admission.release(discussion_id))
+        return True
 
     async def stop(self, discussion_id: str, status: Status, reason: str) -> bool:
         """End a running or queued discussion with this status (SUSPEND: leave it to be resumed)."""
@@ -210,6 +222,12 @@ class DiscussionRunner:
 
     async def _run(self, live: LiveDiscussion) -> None:
         doc = live.doc
+        if live.waited and await self._store.get(doc.discussion_id) is None:
+            # Removed while it waited (another replica's sweep or delete): nothing to run or record.
+            self.active.pop(doc.discussion_id, None)
+            self._notifier.close(doc.discussion_id)
+            self.start_promoted(await self._admission.release(doc.discussion_id))
+            return
         with session_context(doc.discussion_id):
             resumed = doc.completed_rounds > 0 or doc.last_sequence > 1
             if resumed:
