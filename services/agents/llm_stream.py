@@ -9,7 +9,8 @@ it against the openai SDK and a bare aiohttp reader).
 What it keeps of the SDK:
 - Retries on 408/409/429/5xx and connection errors, only before the first text is given to the
   caller (text given is never sent again), through tenacity. The wait is what the provider said
-  (Retry-After, retry-after-ms, and on a 429 x-ratelimit-reset-requests/-tokens too; the largest),
+  (Retry-After, retry-after-ms, and on a 429 x-ratelimit-reset-requests/-tokens of a quota whose
+  x-ratelimit-remaining-* is 0; the largest),
   else 0.5 s × 2^n capped at 8 s plus up to 0.5 s of jitter. A retry whose wait would pass the
   call's deadline is not made: the call fails with the provider's last answer. Each retry is sent
   with x-stainless-retry-count (as the SDK numbers them, so the simulator links it to the attempt
@@ -426,8 +427,8 @@ def parse_duration_seconds(text: str) -> float | None:
 
 
 def retry_after_seconds(headers: Mapping[str, str], *, rate_limited: bool) -> float | None:
-    """How long the provider said to wait: the largest of retry-after-ms, Retry-After and (on a 429)
-    x-ratelimit-reset-requests/-tokens; None when it said nothing usable."""
+    """How long the provider said to wait: the largest of retry-after-ms, Retry-After and (on a 429) the
+    x-ratelimit-reset-requests/-tokens of a spent quota; None when it said nothing usable."""
     told: list[float] = []
     if (milliseconds := headers.get("retry-after-ms")) is not None:
         try:
@@ -443,8 +444,13 @@ def retry_after_seconds(headers: Mapping[str, str], *, rate_limited: bool) -> fl
             except (TypeError, ValueError):
                 pass
     if rate_limited:
-        for name in ("x-ratelimit-reset-requests", "x-ratelimit-reset-tokens"):
-            if (reset := headers.get(name)) is not None and (seconds := parse_duration_seconds(reset)) is not None:
+        # x-ratelimit-reset-* is the time until that quota is full again, so it counts only for a quota
+        # the provider says is spent (remaining 0, or not said); otherwise Retry-After is the better word.
+        for kind in ("requests", "tokens"):
+            reset = headers.get(f"x-ratelimit-reset-{kind}")
+            if reset is None or headers.get(f"x-ratelimit-remaining-{kind}", "0").strip() != "0":
+                continue
+            if (seconds := parse_duration_seconds(reset)) is not None:
                 told.append(seconds)
     usable = [seconds for seconds in told if math.isfinite(seconds)]
     return max(0.0, *usable) if usable else None
