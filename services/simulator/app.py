@@ -67,6 +67,7 @@ class RequestRecord:
     finished_at_wall: float | None = None
     client_disconnected: bool = False
     retry_after_seconds: float | None = None
+    # The answer's own ending ("stop", or "length" when max_tokens cut it), even if a fault kept it from the client.
     finish_reason: str | None = None
     prompt_tokens: int = 0
     # Charged to the key's TPM bucket on admission (0 without a TPM quota); the unused part is refunded at the end.

@@ -37,7 +37,7 @@ async def read_events(http: aiohttp.ClientSession, body: dict[str, Any]) -> tupl
 
 def content_of(events: list[str]) -> str:
     """Join the content deltas of the well-formed chunk events."""
-    text = []
+    text: list[str] = []
     for event in events:
         if event == DONE_EVENT:
             continue
