@@ -5,6 +5,7 @@ from __future__ import annotations
 import pathlib
 import sys
 
+from pydantic import AliasChoices
 from pydantic_settings import BaseSettings
 
 from services.agents.settings import AgentsSettings
@@ -25,7 +26,10 @@ def _rows(settings_cls: type[BaseSettings], fields: list[str]) -> list[str]:
         info = settings_cls.model_fields[name]
         default = SKIP_DEFAULTS.get(name, info.get_default(call_default_factory=False))
         flag = "--" + name.replace("_", "-")
-        rows.append(f"| `{flag}` | `{prefix}{name.upper()}` | `{default}` | {info.description} |")
+        # A setting every service shares under one name (the service credential) has it as an alias.
+        aliases = info.validation_alias.choices if isinstance(info.validation_alias, AliasChoices) else []
+        environment = next((a for a in aliases if isinstance(a, str) and a.isupper()), f"{prefix}{name.upper()}")
+        rows.append(f"| `{flag}` | `{environment}` | `{default}` | {info.description} |")
     return rows
 
 

@@ -26,6 +26,7 @@ import yaml
 
 from deploy.envoy.config import kubernetes_topology, render
 from deploy.k8s.environments import Environment, Resources, Scaling
+from services.shared.service_auth import INTERNAL_TOKEN_ENV
 
 Manifest = dict[str, Any]
 
@@ -68,6 +69,8 @@ SECRET_KEYS: dict[str, tuple[str, ...]] = {
     "roundtable-llm": ("api-key",),
     "roundtable-api-keys": ("api-keys.toml",),
     "roundtable-redis": ("url",),
+    # The service credential: the agents and monitor refuse calls without it; every service sends it.
+    "roundtable-internal": ("token",),
 }
 
 # The private ranges (and link-local, where cloud metadata services live) that LLM egress excludes.
@@ -191,6 +194,9 @@ def _common_env(prefix: str, port: int, metrics_port: int, env: Environment, *, 
         _env(f"{prefix}SESSION_LOG_DIR", ""),
         {"name": f"{prefix}INSTANCE_ID", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
         _env(f"{prefix}SHUTDOWN_GRACE_SECONDS", SHUTDOWN_GRACE_SECONDS),
+        # production refuses to start without the service credential; one unprefixed variable for all.
+        _env(f"{prefix}PROFILE", env.session_profile),
+        _secret_env(INTERNAL_TOKEN_ENV, "roundtable-internal", "token"),
     ]
     if reports:
         variables.append(_env(f"{prefix}MONITOR_ADDRESS", f"{full_name('monitor')}:{MONITOR_PORT}"))
@@ -385,7 +391,6 @@ def session(env: Environment) -> list[Manifest]:
     rss_limit_mb = int(mebibytes(env.session_resources.memory_limit) * 0.8)
     variables = [
         *_common_env(prefix, SESSION_PORT, SESSION_METRICS_PORT, env, reports=True),
-        _env(f"{prefix}PROFILE", env.session_profile),
         _env(f"{prefix}AGENTS_ADDRESS", f"{full_name('envoy-agents')}:{ENVOY_AGENTS_PORT}"),
         _env(f"{prefix}STORE", "redis"),
         _secret_env(f"{prefix}REDIS_URL", "roundtable-redis", "url"),
@@ -891,6 +896,11 @@ def secret_templates(env: Environment) -> list[Manifest]:
         llm_key = "sim"
     else:
         llm_key = "REPLACE_WITH_THE_PROVIDER_API_KEY"
+    internal_token = (
+        "dev-internal-token-not-a-secret"
+        if env.name == "dev"
+        else "REPLACE_WITH: python -c 'import secrets; print(secrets.token_urlsafe(32))'"
+    )
     if env.in_cluster_redis:
         redis_url = f"redis://{full_name('redis')}:{REDIS_PORT}/0"
     else:
@@ -905,6 +915,7 @@ def secret_templates(env: Environment) -> list[Manifest]:
         "roundtable-llm": {"api-key": llm_key},
         "roundtable-api-keys": {"api-keys.toml": keys_file},
         "roundtable-redis": {"url": redis_url},
+        "roundtable-internal": {"token": internal_token},
     }
     return [
         {

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import os
 import time
 from dataclasses import dataclass
 
@@ -16,6 +17,8 @@ from rich.table import Table
 from rich.text import Text
 
 from services.gen.roundtable.monitor.v1 import monitor_pb2, monitor_pb2_grpc
+from services.shared.service_auth import INTERNAL_TOKEN_ENV
+from services.shared.tls import ClientTls, create_channel
 
 DEFAULT_ADDRESS = "127.0.0.1:50053"
 RESOLVED_SHOWN = 5
@@ -29,6 +32,14 @@ class FleetSnapshot:
     summary: monitor_pb2.PerformanceSummary
     alerts: monitor_pb2.ListAlertsResponse
     taken_wall_time: float
+
+
+def monitor_channel(address: str) -> grpc.aio.Channel:
+    """A channel to the monitor carrying the service credential from ROUNDTABLE_INTERNAL_TOKEN, when set.
+
+    Read from the environment, never a flag, so the secret does not show in the process list.
+    """
+    return create_channel(address, ClientTls(internal_token_value=os.environ.get(INTERNAL_TOKEN_ENV, "")))
 
 
 def short_method(method: str) -> str:
@@ -147,7 +158,7 @@ async def run(
     """Refresh the view every interval until interrupted (or for `frames` frames); 1 if the monitor never answered."""
     snapshot: FleetSnapshot | None = None
     error: str | None = None
-    async with grpc.aio.insecure_channel(address) as channel:
+    async with monitor_channel(address) as channel:
         stub = monitor_pb2_grpc.MonitorServiceStub(channel)
         with Live(render(None, address=address), console=console, auto_refresh=False) as live:
             shown = 0

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import grpc
 
 from services.gen.roundtable.monitor.v1 import monitor_pb2, monitor_pb2_grpc
-from services.monitor.dashboard import DEFAULT_ADDRESS, short_method
+from services.monitor.dashboard import DEFAULT_ADDRESS, monitor_channel, short_method
 
 # Lines a chart can show before it stops being readable; the busiest methods are drawn.
 MAX_CHARTED_METHODS = 6
@@ -43,7 +43,7 @@ def parse_window(text: str) -> int:
 
 async def collect(address: str, window_seconds: int, step_seconds: int = 0) -> ReportData:
     """Ask the monitor for the summary, the history, the load and the alerts of the window."""
-    async with grpc.aio.insecure_channel(address) as channel:
+    async with monitor_channel(address) as channel:
         stub = monitor_pb2_grpc.MonitorServiceStub(channel)
         summary, history, stats, alerts = await asyncio.gather(
             stub.GetPerformanceSummary(

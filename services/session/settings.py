@@ -15,8 +15,6 @@ from pydantic_settings import SettingsConfigDict
 from services.shared import limits
 from services.shared.settings import ServiceSettings
 
-Profile = Literal["development", "production"]
-
 # The seed's Config / ProductionConfig, plus what production needs to be safe by default.
 PRODUCTION: dict[str, Any] = {
     "max_concurrent_sessions": 200,
@@ -33,9 +31,6 @@ class SessionSettings(ServiceSettings):
 
     model_config = SettingsConfigDict(env_prefix="ROUNDTABLE_SESSION_")
 
-    profile: Profile = Field(
-        "development", description="development (the defaults below) or production (seed's production values)."
-    )
     port: int = Field(50051, ge=0, le=65535, description="gRPC port; 0 picks a free one.")
     metrics_port: int = Field(9101, ge=-1, le=65535, description="Prometheus port; 0 picks one, -1 disables.")
     agents_address: str = Field("127.0.0.1:50052", description="host:port of the agent service.")

@@ -1,4 +1,4 @@
-"""The one server interceptor: go-grpc-prometheus metrics and domain-error mapping for every RPC."""
+"""The one server interceptor: go-grpc-prometheus metrics, domain-error mapping and the service credential check."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from google.protobuf.message import DecodeError
 
 from services.shared import metrics
 from services.shared.errors import InvalidArgument, RoundtableError, to_grpc_status
+from services.shared.service_auth import ServiceTokenCheck, is_internal_method
 
 logger = logging.getLogger(__name__)
 
@@ -78,12 +79,14 @@ async def _abort(context: grpc.aio.ServicerContext, error: RoundtableError) -> N
 
 
 class ServerInterceptor(grpc.aio.ServerInterceptor):
-    """Counts and times every RPC and turns RoundtableError into its status with details."""
+    """Counts and times every RPC, turns RoundtableError into its status with details, and, given a
+    service token check, refuses internal-contract calls without the credential (UNAUTHENTICATED)."""
 
-    def __init__(self, instance_id: str = "") -> None:
+    def __init__(self, instance_id: str = "", service_token: ServiceTokenCheck | None = None) -> None:
         self._wrapped: dict[str, grpc.RpcMethodHandler] = {}
         # Sent back in trailing metadata: which replica served a call (affinity checks, debugging).
         self._instance = ((INSTANCE_METADATA_KEY, instance_id),) if instance_id else ()
+        self._service_token = service_token
 
     async def intercept_service(
         self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
@@ -102,30 +105,37 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
 
     def _wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         deserializer = _tolerant(handler.request_deserializer)
+        guard = self._service_token if self._service_token is not None and is_internal_method(method) else None
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(
-                self._unary(method, handler.unary_unary),
+                self._unary(method, handler.unary_unary, guard),
                 request_deserializer=deserializer,
                 response_serializer=handler.response_serializer,
             )
         if handler.unary_stream is not None and inspect.isasyncgenfunction(handler.unary_stream):
             return grpc.unary_stream_rpc_method_handler(
-                self._server_stream(method, handler.unary_stream),
+                self._server_stream(method, handler.unary_stream, guard),
                 request_deserializer=deserializer,
                 response_serializer=handler.response_serializer,
             )
         if handler.unary_stream is not None:
             # A streaming handler that writes through context.write (health Watch) is a coroutine.
             return grpc.unary_stream_rpc_method_handler(
-                self._unary(method, cast(Callable[..., Awaitable[Any]], handler.unary_stream), "server_stream"),
+                self._unary(method, cast(Callable[..., Awaitable[Any]], handler.unary_stream), guard, "server_stream"),
                 request_deserializer=deserializer,
                 response_serializer=handler.response_serializer,
             )
+        if guard is not None:
+            return _guarded_client_streaming(handler, guard)
         # Client- and bidi-streaming RPCs (reflection) are not part of our contracts; pass them through.
         return handler
 
     def _unary(
-        self, method: str, behavior: Callable[..., Awaitable[Any]], grpc_type: str = "unary"
+        self,
+        method: str,
+        behavior: Callable[..., Awaitable[Any]],
+        guard: ServiceTokenCheck | None,
+        grpc_type: str = "unary",
     ) -> Callable[..., Awaitable[Any]]:
         stats = _MethodMetrics(method, grpc_type)
 
@@ -137,6 +147,8 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
             try:
                 if self._instance:
                     context.set_trailing_metadata(self._instance)
+                if guard is not None:
+                    guard.check(context.invocation_metadata())
                 if isinstance(request, Undecodable):
                     raise request.error
                 response = await behavior(request, context)
@@ -164,7 +176,7 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
         return handle
 
     def _server_stream(
-        self, method: str, behavior: Callable[..., AsyncIterator[Any]]
+        self, method: str, behavior: Callable[..., AsyncIterator[Any]], guard: ServiceTokenCheck | None
     ) -> Callable[..., AsyncIterator[Any]]:
         stats = _MethodMetrics(method, "server_stream")
 
@@ -176,6 +188,8 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
             try:
                 if self._instance:
                     context.set_trailing_metadata(self._instance)
+                if guard is not None:
+                    guard.check(context.invocation_metadata())
                 if isinstance(request, Undecodable):
                     raise request.error
                 async for response in behavior(request, context):
@@ -200,3 +214,38 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
                 stats.seconds.observe(time.perf_counter() - started)
 
         return handle
+
+
+def _guarded_client_streaming(handler: grpc.RpcMethodHandler, guard: ServiceTokenCheck) -> grpc.RpcMethodHandler:
+    """A client- or bidi-streaming handler of an internal contract that checks the credential first."""
+
+    async def check(context: grpc.aio.ServicerContext) -> None:
+        try:
+            guard.check(context.invocation_metadata())
+        except RoundtableError as error:
+            await _abort(context, error)  # raises: the handler never runs
+
+    behavior = handler.stream_stream or handler.stream_unary
+    if inspect.isasyncgenfunction(behavior):
+        generate = cast(Callable[..., AsyncIterator[Any]], behavior)
+
+        async def stream(request_iterator: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            await check(context)
+            async for response in generate(request_iterator, context):
+                yield response
+
+        guarded: Callable[..., Any] = stream
+    else:
+        call = cast(Callable[..., Awaitable[Any]], behavior)
+
+        async def unary(request_iterator: Any, context: grpc.aio.ServicerContext) -> Any:
+            await check(context)
+            return await call(request_iterator, context)
+
+        guarded = unary
+    make = grpc.stream_stream_rpc_method_handler if handler.stream_stream else grpc.stream_unary_rpc_method_handler
+    return make(
+        guarded,
+        request_deserializer=handler.request_deserializer,
+        response_serializer=handler.response_serializer,
+    )

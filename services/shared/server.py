@@ -18,6 +18,7 @@ from services.shared.interceptor import ServerInterceptor
 from services.shared.logs import setup_logging
 from services.shared.metrics import MetricsServer, watch_event_loop_lag
 from services.shared.reporter import InstanceLoad, MonitorReporter
+from services.shared.service_auth import ServiceTokenCheck
 from services.shared.settings import EventLoop, S, ServiceSettings, load_settings
 from services.shared.tls import create_channel, server_credentials
 
@@ -71,8 +72,9 @@ class ServiceHost:
         self.settings = settings
         self.service = service
         self.health = health.aio.HealthServicer()
+        service_token = ServiceTokenCheck(settings.internal_token_value) if settings.internal_token_value else None
         self.server = grpc.aio.server(
-            interceptors=[ServerInterceptor(settings.instance_id)], options=server_options(settings)
+            interceptors=[ServerInterceptor(settings.instance_id, service_token)], options=server_options(settings)
         )
         self.port = 0
         self.metrics: MetricsServer | None = None

@@ -8,9 +8,12 @@ import socket
 import uuid
 from typing import Any, Literal, Self, TypeVar
 
-from pydantic import Field, ValidationInfo, field_validator, model_validator
+from pydantic import AliasChoices, Field, SecretStr, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from services.shared.service_auth import INTERNAL_TOKEN_ENV, MIN_TOKEN_CHARS
+
+Profile = Literal["development", "production"]
 LogFormat = Literal["text", "json"]
 EventLoop = Literal["auto", "uvloop", "asyncio"]
 TLS_FILE_FIELDS = (
@@ -35,8 +38,14 @@ class ServiceSettings(BaseSettings):
     variable with the service's prefix, or the default here.
     """
 
-    model_config = SettingsConfigDict(frozen=True, extra="forbid", cli_kebab_case=True)
+    # populate_by_name: internal_token=… works in code although its environment name is unprefixed.
+    model_config = SettingsConfigDict(frozen=True, extra="forbid", cli_kebab_case=True, populate_by_name=True)
 
+    profile: Profile = Field(
+        "development",
+        description="development, or production: the production defaults (session: the seed's production "
+        "values), and no start without the service credential (--internal-token) or mTLS both ways.",
+    )
     host: str = Field("127.0.0.1", description="Address the gRPC server binds to.")
     port: int = Field(0, ge=0, le=65535, description="gRPC port; 0 picks a free one.")
     metrics_port: int = Field(
@@ -95,8 +104,16 @@ class ServiceSettings(BaseSettings):
         None, description="PEM certificate chain this service presents when it calls a server requiring mTLS."
     )
     tls_client_key_file: pathlib.Path | None = Field(None, description="PEM private key of --tls-client-cert-file.")
+    # One variable for every service (not prefixed): all of them must hold the same secret.
+    internal_token: SecretStr | None = Field(
+        None,
+        validation_alias=AliasChoices(INTERNAL_TOKEN_ENV, "internal-token"),
+        description=f"Shared secret (at least {MIN_TOKEN_CHARS} characters) sent on calls to the agent and "
+        "monitor services, which then refuse calls without it; environment: "
+        f"{INTERNAL_TOKEN_ENV} for every service.",
+    )
 
-    @field_validator(*TLS_FILE_FIELDS, "session_log_dir", mode="before")
+    @field_validator(*TLS_FILE_FIELDS, "session_log_dir", "internal_token", mode="before")
     @classmethod
     def _empty_path_is_unset(cls, value: Any) -> Any:
         # An empty flag or environment variable turns TLS off, like an empty --monitor-address.
@@ -122,6 +139,29 @@ class ServiceSettings(BaseSettings):
         if b"-----BEGIN " not in content or f"{kind}-----".encode() not in content:
             raise ValueError(f"{path} holds no PEM {kind.lower()}")
         return path
+
+    @field_validator("internal_token")
+    @classmethod
+    def _long_enough(cls, token: SecretStr | None) -> SecretStr | None:
+        if token is not None and len(token.get_secret_value()) < MIN_TOKEN_CHARS:
+            raise ValueError(f"internal_token must be at least {MIN_TOKEN_CHARS} characters")
+        return token
+
+    @model_validator(mode="after")
+    def _production_authenticates_services(self) -> Self:
+        mutual_tls = self.tls_client_ca_file is not None and self.tls_client_cert_file is not None
+        if self.profile == "production" and self.internal_token is None and not mutual_tls:
+            raise ValueError(
+                f"the production profile needs the service credential: set {INTERNAL_TOKEN_ENV} "
+                "(--internal-token, the same on every service) or mTLS both ways "
+                "(--tls-client-ca-file and --tls-client-cert-file)"
+            )
+        return self
+
+    @property
+    def internal_token_value(self) -> str:
+        """The service credential in clear, or "" when none is set."""
+        return "" if self.internal_token is None else self.internal_token.get_secret_value()
 
     @model_validator(mode="after")
     def _tls_settings_fit_together(self) -> Self:

@@ -1,14 +1,16 @@
-"""Transport security from the settings: TLS or mTLS server credentials, and channels to other services."""
+"""Transport security from the settings: TLS or mTLS server credentials, and channels to other services
+that carry the service credential when one is set."""
 
 from __future__ import annotations
 
 import pathlib
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import grpc
 
+from services.shared.service_auth import token_interceptors
 from services.shared.settings import ServiceSettings
 
 
@@ -27,6 +29,10 @@ class ClientTlsSettings(Protocol):
     def tls_client_key_file(self) -> pathlib.Path | None:
         """The private key of tls_client_cert_file, or None."""
 
+    @property
+    def internal_token_value(self) -> str:
+        """The service credential sent on every call, or "" for none."""
+
 
 @dataclass(frozen=True)
 class ClientTls:
@@ -35,6 +41,8 @@ class ClientTls:
     tls_ca_file: pathlib.Path | None = None
     tls_client_cert_file: pathlib.Path | None = None
     tls_client_key_file: pathlib.Path | None = None
+    # Only the internal services (the monitor, for its tools) want it; the session service does not.
+    internal_token_value: str = field(default="", repr=False)
 
     def __post_init__(self) -> None:
         if (self.tls_client_cert_file is None) != (self.tls_client_key_file is None):
@@ -76,8 +84,13 @@ def create_channel(
     interceptors: Sequence[grpc.aio.ClientInterceptor] | None = None,
     options: Sequence[tuple[str, Any]] | None = None,
 ) -> grpc.aio.Channel:
-    """A channel to another service: TLS when tls_ca_file is set, else plaintext; files are read once, here."""
+    """A channel to another service: TLS when tls_ca_file is set, else plaintext; files are read once, here.
+
+    With a service credential set, every call on the channel carries it (the agents and monitor require it).
+    """
     credentials = channel_credentials(settings)
+    if settings.internal_token_value:
+        interceptors = [*token_interceptors(settings.internal_token_value), *(interceptors or ())]
     if credentials is None:
         return grpc.aio.insecure_channel(address, options=options, interceptors=interceptors)
     return grpc.aio.secure_channel(address, credentials, options=options, interceptors=interceptors)

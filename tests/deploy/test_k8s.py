@@ -36,6 +36,7 @@ from deploy.k8s.render import render as render_files
 from services.agents.settings import AgentsSettings
 from services.monitor.settings import MonitorSettings
 from services.session.settings import SessionSettings
+from services.shared.service_auth import INTERNAL_TOKEN_ENV
 from services.shared.settings import ServiceSettings
 
 Manifest = dict[str, Any]
@@ -584,7 +585,8 @@ def test_environment_variables_name_settings(env: Environment) -> None:
         if found is None:
             continue
         prefix, cls = found
-        names = {variable["name"] for variable in container["env"]}
+        # The service credential is one unprefixed variable every service reads.
+        names = {variable["name"] for variable in container["env"]} - {INTERNAL_TOKEN_ENV}
         assert all(name.startswith(prefix) for name in names), workload["metadata"]["name"]
         fields = {name.removeprefix(prefix).lower() for name in names}
         missing = fields - set(cls.model_fields)
@@ -627,6 +629,9 @@ def test_environment_variables_parse(env: Environment, tmp_path: pathlib.Path, m
         assert settings.port == container_ports(workload)["grpc"]
         assert settings.metrics_port == container_ports(workload)["metrics"]
         assert settings.instance_id.startswith(workload["metadata"]["name"])
+        # Every service holds the service credential, so production's check passes and calls carry it.
+        assert settings.internal_token_value == secrets["roundtable-internal"]["token"]
+        assert settings.profile == env.session_profile
         if isinstance(settings, SessionSettings):
             limit = manifests.mebibytes(container["resources"]["limits"]["memory"])
             assert settings.memory_limit_rss_mb < limit, "admission must refuse before the OOM killer"
@@ -651,6 +656,7 @@ def test_secrets_are_templates_with_placeholders(env: Environment) -> None:
     if env is PROD:
         assert "REPLACE" in secrets["roundtable-llm"]["api-key"]
         assert "REPLACE" in secrets["roundtable-redis"]["url"]
+        assert "REPLACE" in secrets["roundtable-internal"]["token"]
         assert secrets["roundtable-redis"]["url"].startswith("rediss://")
         # No key is configured, only the instructions and a commented example.
         assert tomllib.loads(secrets["roundtable-api-keys"]["api-keys.toml"]) == {}

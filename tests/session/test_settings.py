@@ -27,7 +27,7 @@ def test_development_profile_has_the_seeds_defaults() -> None:
 def test_production_profile_has_the_seeds_production_values(tmp_path: pathlib.Path) -> None:
     keys = tmp_path / "keys.toml"
     add_key(keys, "alice")
-    settings = SessionSettings(profile="production", api_keys_file=keys)
+    settings = SessionSettings(profile="production", api_keys_file=keys, internal_token="s" * 16)
     assert (settings.max_concurrent_sessions, settings.session_timeout_hours, settings.cleanup_interval_seconds) == (
         200,
         12.0,
@@ -41,6 +41,7 @@ def test_environment_and_flags_override_the_profile(tmp_path: pathlib.Path, monk
     keys = tmp_path / "keys.toml"
     add_key(keys, "alice")
     monkeypatch.setenv("ROUNDTABLE_SESSION_PROFILE", "production")
+    monkeypatch.setenv("ROUNDTABLE_INTERNAL_TOKEN", "s" * 16)
     monkeypatch.setenv("ROUNDTABLE_SESSION_API_KEYS_FILE", str(keys))
     monkeypatch.setenv("ROUNDTABLE_SESSION_SESSION_TIMEOUT_HOURS", "6")
     settings = SessionSettings(_cli_parse_args=["--max-concurrent-sessions", "7", "--enable-rate-limiting", "false"])
@@ -52,7 +53,7 @@ def test_environment_and_flags_override_the_profile(tmp_path: pathlib.Path, monk
 
 def test_production_without_keys_is_refused() -> None:
     with pytest.raises(ValidationError, match="api_keys_file"):
-        SessionSettings(profile="production")
+        SessionSettings(profile="production", internal_token="s" * 16)
 
 
 @pytest.mark.parametrize(
