@@ -9,6 +9,7 @@ backs the same interface with Redis.
 
 from __future__ import annotations
 
+import bisect
 import time
 from collections import Counter, OrderedDict
 from collections.abc import Callable
@@ -18,6 +19,11 @@ from services.shared.errors import ResourceExhausted
 
 # Until a discussion has finished, assume one takes this long (for RetryInfo).
 INITIAL_DURATION_SECONDS = 30.0
+# Bounds of a RetryInfo delay: not sooner than this, and never so late that a client gives up on a busy server.
+MIN_RETRY_AFTER_SECONDS = 0.5
+MAX_RETRY_AFTER_SECONDS = 120.0
+# Return times remembered per subject (principal or "global"): bounds the memory a flood of refusals takes.
+MAX_WAITING_REMEMBERED = 10_000
 
 
 class Admission(Protocol):
@@ -58,6 +64,37 @@ class Admission(Protocol):
         ...
 
 
+class WaitingCallers:
+    """Callers refused and told when to come back, per subject; a new refusal is told to come back behind them.
+
+    Telling every refused caller the same delay brings them all back at once for the one slot that freed
+    (a thundering herd): the n-th waiting caller is told n slot-intervals instead, bounded.
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._return_times: dict[str, list[float]] = {}
+
+    def retry_after(self, subject: str, seconds_per_slot: float, ahead: int = 0) -> float:
+        """The delay to give one more refused caller: a slot frees every seconds_per_slot, `ahead` others wait too."""
+        now = self._clock()
+        return_times = self._return_times.setdefault(subject, [])
+        # Those told to come back by now have (or will have been refused again and counted anew).
+        del return_times[: bisect.bisect_right(return_times, now)]
+        position = ahead + len(return_times) + 1
+        delay = min(MAX_RETRY_AFTER_SECONDS, max(MIN_RETRY_AFTER_SECONDS, position * seconds_per_slot))
+        if len(return_times) < MAX_WAITING_REMEMBERED:
+            bisect.insort(return_times, now + delay)
+        if len(self._return_times) > MAX_WAITING_REMEMBERED:
+            self._forget_idle(now)
+        return delay
+
+    def _forget_idle(self, now: float) -> None:
+        idle = [subject for subject, times in self._return_times.items() if not times or times[-1] <= now]
+        for subject in idle:
+            del self._return_times[subject]
+
+
 class MemoryAdmission:
     """Admission for one replica, in memory; every method completes without yielding, so each is atomic."""
 
@@ -82,6 +119,7 @@ class MemoryAdmission:
         self._queue: OrderedDict[str, str] = OrderedDict()
         self._per_principal: Counter[str] = Counter()
         self._mean_duration_seconds = INITIAL_DURATION_SECONDS
+        self._waiting = WaitingCallers(clock)
 
     def active(self) -> int:
         """Leases held."""
@@ -103,7 +141,9 @@ class MemoryAdmission:
             raise ResourceExhausted(
                 f"you already have {self._max_per_principal} discussions running or queued; "
                 "wait for one to finish or cancel one",
-                retry_after_seconds=self._mean_duration_seconds / max(self._per_principal[principal], 1),
+                retry_after_seconds=self._waiting.retry_after(
+                    f"principal:{principal}", self._mean_duration_seconds / max(self._per_principal[principal], 1)
+                ),
                 subject=f"principal:{principal}",
                 limit="max_concurrent_sessions_per_principal",
             )
@@ -117,7 +157,9 @@ class MemoryAdmission:
         full = "and its queue is full" if self._max_queued else "(no queue)"
         raise ResourceExhausted(
             f"the server is running its maximum of {self.capacity} discussions {full}; retry later",
-            retry_after_seconds=self.retry_after_seconds(),
+            retry_after_seconds=self._waiting.retry_after(
+                "global", self._mean_duration_seconds / max(len(self._leases), 1), ahead=len(self._queue)
+            ),
             subject="global",
             limit="max_queued_sessions" if self._max_queued else "max_concurrent_sessions",
         )
@@ -161,11 +203,6 @@ class MemoryAdmission:
         """Expire lapsed leases and admit from the queue."""
         self._expire_lapsed()
         return self._promote()
-
-    def retry_after_seconds(self) -> float:
-        """Expected wait for a slot: with N running, one ends every mean_duration / N on average."""
-        needed = len(self._queue) + 1
-        return max(0.5, needed * self._mean_duration_seconds / max(len(self._leases), 1))
 
     def _lease(self, discussion_id: str, principal: str) -> None:
         self._leases[discussion_id] = (principal, self._clock() + self._lease_ttl_seconds)

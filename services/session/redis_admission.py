@@ -31,7 +31,7 @@ import secrets
 import socket
 from typing import Any
 
-from services.session.admission import INITIAL_DURATION_SECONDS
+from services.session.admission import INITIAL_DURATION_SECONDS, WaitingCallers
 from services.session.redis_connection import Client, EncodableArg, RedisUnavailable, Script, unavailable_on_failure
 from services.shared.errors import ResourceExhausted
 
@@ -276,6 +276,8 @@ class RedisAdmission:
         # What the last script saw: active() and queued() are synchronous (metrics, monitor reports).
         self._active = 0
         self._queued = 0
+        # Refused callers told to come back, counted by this replica (each replica spreads its own).
+        self._waiting = WaitingCallers()
 
     def active(self) -> int:
         """Leases held fleet-wide, as of this replica's last admission call."""
@@ -293,17 +295,20 @@ class RedisAdmission:
         if code == "queued":
             return False
         if code == "principal":
+            # extra: seconds per slot of this principal. Callers waiting are counted per replica.
             raise ResourceExhausted(
                 f"you already have {self._max_per_principal} discussions running or queued; "
                 "wait for one to finish or cancel one",
-                retry_after_seconds=float(extra),
+                retry_after_seconds=self._waiting.retry_after(f"principal:{principal}", float(extra)),
                 subject=f"principal:{principal}",
                 limit="max_concurrent_sessions_per_principal",
             )
         full = "and its queue is full" if self._max_queued else "(no queue)"
+        # extra: the wait of the first caller behind the queue, (queued + 1) slot-intervals.
+        seconds_per_slot = float(extra) / (self._queued + 1)
         raise ResourceExhausted(
             f"the server is running its maximum of {self.capacity} discussions {full}; retry later",
-            retry_after_seconds=float(extra),
+            retry_after_seconds=self._waiting.retry_after("global", seconds_per_slot, ahead=self._queued),
             subject="global",
             limit="max_queued_sessions" if self._max_queued else "max_concurrent_sessions",
         )

@@ -59,7 +59,7 @@ class SessionService:
                 self.redis,
                 capacity=settings.max_concurrent_sessions,
                 max_queued=settings.max_queued_sessions,
-                max_per_principal=settings.max_concurrent_sessions_per_principal,
+                max_per_principal=settings.principal_cap,
                 lease_ttl_seconds=settings.lease_ttl_seconds,
                 replica_id=settings.instance_id,
                 key_prefix=settings.redis_key_prefix,
@@ -68,7 +68,7 @@ class SessionService:
             self.admission = MemoryAdmission(
                 capacity=settings.max_concurrent_sessions,
                 max_queued=settings.max_queued_sessions,
-                max_per_principal=settings.max_concurrent_sessions_per_principal,
+                max_per_principal=settings.principal_cap,
                 lease_ttl_seconds=settings.lease_ttl_seconds,
             )
         DISCUSSION_CAPACITY.set(settings.max_concurrent_sessions)

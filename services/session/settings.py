@@ -23,6 +23,8 @@ PRODUCTION: dict[str, Any] = {
     "enable_rate_limiting": True,
     "enable_memory_monitoring": True,
     "allow_anonymous": False,
+    # Many principals share the fleet: none may take more than its share.
+    "max_concurrent_sessions_per_principal": 20,
 }
 
 
@@ -58,8 +60,11 @@ class SessionSettings(ServiceSettings):
         100, ge=1, description="Discussions running at once: on this replica, or fleet-wide with --store redis."
     )
     max_queued_sessions: int = Field(100, ge=0, description="Discussions waiting for a slot; past it, refused.")
-    max_concurrent_sessions_per_principal: int = Field(
-        20, ge=1, description="Running plus queued discussions one principal may have."
+    max_concurrent_sessions_per_principal: int | None = Field(
+        None,
+        ge=1,
+        description="Running plus queued discussions one principal may have; unset, only the global caps "
+        "apply (development: anonymous callers are one principal) (production: 20).",
     )
     max_retained_discussions_per_principal: int = Field(
         10_000, ge=1, description="Discussions one principal may keep stored; delete or let expire to free room."
@@ -119,6 +124,13 @@ class SessionSettings(ServiceSettings):
         if self.api_keys_file is not None and not self.api_keys_file.is_file():
             raise ValueError(f"api_keys_file {self.api_keys_file} does not exist or is not a file")
         return self
+
+    @property
+    def principal_cap(self) -> int:
+        """Running plus queued discussions one principal may have (all of them when no cap is set)."""
+        if self.max_concurrent_sessions_per_principal is None:
+            return self.max_concurrent_sessions + self.max_queued_sessions
+        return self.max_concurrent_sessions_per_principal
 
     @property
     def session_timeout_seconds(self) -> float:

@@ -12,7 +12,13 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from services.session.admission import Admission, MemoryAdmission
+from services.session.admission import (
+    MAX_RETRY_AFTER_SECONDS,
+    MIN_RETRY_AFTER_SECONDS,
+    Admission,
+    MemoryAdmission,
+    WaitingCallers,
+)
 from services.session.redis_admission import RedisAdmission
 from services.session.redis_connection import Client, connect
 from services.shared.errors import ResourceExhausted
@@ -169,3 +175,38 @@ async def test_a_renewed_lease_outlives_the_older_ones_that_lapse_around_it(gate
     assert [await gate.renew(name) for name in ("renewed", "b1", "b2", "w1", "w2")] == [True, False, False, True, True]
     assert (gate.active(), gate.queued()) == (3, 0)
     assert not await gate.admit("b3", "bob")  # bob's lapsed leases no longer count: queued, not refused
+
+
+async def test_refused_callers_are_told_to_come_back_one_after_another_within_a_bound(gates: Gates) -> None:
+    gate = gates.make(capacity=10, max_queued=10, per_principal=2)
+    await gate.admit("a0", "alice")
+    await gate.admit("a1", "alice")
+    delays = []
+    for attempt in range(20):
+        with pytest.raises(ResourceExhausted) as caught:
+            await gate.admit(f"more-{attempt}", "alice")
+        delays.append(caught.value.retry_after_seconds)
+    # Discussions assumed 30 s long, alice holds 2: one of hers ends every 15 s. The n-th waiting caller
+    # is told n of those, not all the same moment (a thundering herd on the one slot that frees).
+    assert delays[:3] == pytest.approx([15.0, 30.0, 45.0])
+    assert delays == sorted(delays)
+    assert delays[-1] == MAX_RETRY_AFTER_SECONDS
+
+    full = gates.make(capacity=1, max_queued=0)
+    await full.admit("running", "bob")
+    told = []
+    for attempt in range(3):
+        with pytest.raises(ResourceExhausted) as caught:
+            await full.admit(f"turned-away-{attempt}", "carol")
+        told.append(caught.value.retry_after_seconds)
+    assert told == pytest.approx([30.0, 60.0, 90.0])
+
+
+def test_a_caller_whose_return_time_passed_no_longer_counts_as_waiting() -> None:
+    clock = Clock()
+    waiting = WaitingCallers(clock)
+    assert [waiting.retry_after("global", 2.0) for _ in range(3)] == [2.0, 4.0, 6.0]
+    clock.now += 4.0  # the first two came back (and were served or refused anew)
+    assert waiting.retry_after("global", 2.0) == 4.0
+    assert waiting.retry_after("global", 2.0, ahead=10) == 26.0  # ten queued ahead, two waiting: the 13th
+    assert waiting.retry_after("principal:x", 0.01) == MIN_RETRY_AFTER_SECONDS

@@ -41,7 +41,7 @@ async def on_redis(suite: Suite, url: str, **overrides: Any) -> None:
         store.client,
         capacity=settings.max_concurrent_sessions,
         max_queued=settings.max_queued_sessions,
-        max_per_principal=settings.max_concurrent_sessions_per_principal,
+        max_per_principal=settings.principal_cap,
         lease_ttl_seconds=settings.lease_ttl_seconds,
         replica_id=settings.instance_id,
     )
