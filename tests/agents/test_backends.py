@@ -7,6 +7,11 @@ import subprocess
 import sys
 from collections.abc import Awaitable, Callable
 
+from services.agents.llm_budget import FleetBudget, UnlimitedBudget
+from services.agents.llm_openai_sdk import OpenAISDKChatClient
+from services.agents.llm_stream import StreamingChatClient
+from services.agents.service import AgentsService
+from services.agents.settings import AgentsSettings
 from services.gen.roundtable.agents.v1 import agents_pb2
 from services.gen.roundtable.session.v1 import session_pb2
 from services.simulator.server import start_simulator
@@ -21,6 +26,7 @@ MIXED = """
 name = "second"
 base_url = "{second_url}"
 model = "second-model"
+client = "openai-sdk"
 
 [[persona]]
 name = "科学家"
@@ -54,6 +60,11 @@ async def test_personas_can_mix_models_and_endpoints(make_suite: MakeSuite, tmp_
         personas_file = tmp_path / "mixed.toml"
         personas_file.write_text(MIXED.format(second_url=second.base_url), encoding="utf-8")
         suite = await make_suite(agents={"personas_file": personas_file})
+
+        # The service's own backend streams through the lean client, the second through the openai SDK.
+        llm = suite.agents_service.llm
+        assert isinstance(llm.default_client, StreamingChatClient)
+        assert isinstance(llm.clients["second"], OpenAISDKChatClient)
 
         listing = await suite.agents().ListPersonas(agents_pb2.ListPersonasRequest())
         assert {p.name: (p.backend, p.model) for p in listing.personas} == {
@@ -101,3 +112,57 @@ def test_a_malformed_persona_file_stops_the_service_naming_file_and_field(tmp_pa
 
     assert done.returncode == 2
     assert f"{path}: persona[0]: field 'temperature'" in done.stderr
+
+
+SHARED_KEY = """
+[[backend]]
+name = "same-key-a"
+base_url = "http://127.0.0.1:9/v1"
+model = "m"
+api_key = "sk-shared"
+requests_per_minute = 100
+
+[[backend]]
+name = "same-key-b"
+base_url = "http://127.0.0.1:9/v1"
+model = "m"
+api_key = "sk-shared"
+requests_per_minute = 40
+tokens_per_minute = 9000
+
+[[persona]]
+name = "科学家"
+role = "a scientist"
+backend = "same-key-a"
+
+[[persona]]
+name = "主持人"
+role = "the moderator"
+moderator = true
+"""
+
+
+async def test_the_llm_client_and_budget_follow_the_settings_and_the_persona_file(tmp_path: pathlib.Path) -> None:
+    # Defaults (make run): the lean client and no limits, so no budget in the way.
+    service = AgentsService(AgentsSettings(port=0, metrics_port=-1))
+    assert isinstance(service.llm.default_client, StreamingChatClient)
+    assert isinstance(service.llm.budget, UnlimitedBudget)
+    await service.close()
+
+    personas_file = tmp_path / "shared.toml"
+    personas_file.write_text(SHARED_KEY, encoding="utf-8")
+    settings = AgentsSettings(port=0, metrics_port=-1, llm_client="openai-sdk", personas_file=personas_file)
+    service = AgentsService(settings)
+    try:
+        assert isinstance(service.llm.default_client, OpenAISDKChatClient)
+        assert all(isinstance(c, OpenAISDKChatClient) for c in service.llm.clients.values())  # they inherit it
+        budget = service.llm.budget
+        assert isinstance(budget, FleetBudget)
+        # Two backend names on one endpoint and key share one quota: the smaller limits of the two.
+        a, b = service.llm.backends["same-key-a"], service.llm.backends["same-key-b"]
+        assert a.budget_key == b.budget_key != service.llm.default.budget_key
+        limits = budget._limits[a.budget_key]
+        assert (limits.requests_per_minute, limits.tokens_per_minute) == (40, 9000)
+        assert service.llm.default.budget_key not in budget._limits  # the default backend has no limits
+    finally:
+        await service.close()

@@ -213,6 +213,39 @@ def test_a_minimal_file_loads_with_every_persona_as_the_default_roster(tmp_path:
             id="backend-unknown-field",
         ),
         pytest.param(
+            VALID_PERSONAS + '[[backend]]\nname = "big"\nbase_url = "http://x/v1"\nmodel = "m"\nclient = "httpx"\n',
+            ["backend[0]", "'client'", "'stream'", "'openai-sdk'", "httpx"],
+            id="backend-unknown-client",
+        ),
+        pytest.param(
+            VALID_PERSONAS + '[[backend]]\nname = "big"\nbase_url = "http://x/v1"\nmodel = "m"\norganization = 7\n',
+            ["backend[0]", "'organization'", "string"],
+            id="backend-organization-not-a-string",
+        ),
+        pytest.param(
+            VALID_PERSONAS + '[[backend]]\nname = "big"\nbase_url = "http://x/v1"\nmodel = "m"\nproject = true\n',
+            ["backend[0]", "'project'", "string"],
+            id="backend-project-not-a-string",
+        ),
+        pytest.param(
+            VALID_PERSONAS
+            + '[[backend]]\nname = "big"\nbase_url = "http://x/v1"\nmodel = "m"\nrequests_per_minute = -1\n',
+            ["backend[0]", "'requests_per_minute'", "0 (no limit) or more"],
+            id="backend-negative-rpm",
+        ),
+        pytest.param(
+            VALID_PERSONAS
+            + '[[backend]]\nname = "big"\nbase_url = "http://x/v1"\nmodel = "m"\ntokens_per_minute = 1.5\n',
+            ["backend[0]", "'tokens_per_minute'", "whole number"],
+            id="backend-fractional-tpm",
+        ),
+        pytest.param(
+            VALID_PERSONAS
+            + '[[backend]]\nname = "big"\nbase_url = "http://x/v1"\nmodel = "m"\ntokens_per_minute = true\n',
+            ["backend[0]", "'tokens_per_minute'"],
+            id="backend-boolean-tpm",
+        ),
+        pytest.param(
             'backend = "local"\n' + VALID_PERSONAS,
             ["'backend'", "[[backend]]"],
             id="backend-not-an-array-of-tables",
@@ -261,6 +294,17 @@ name = "bigger"
 base_url = "http://127.0.0.1:8081/v1"
 model = "some-7b-instruct"
 
+[[backend]]
+name = "provider"
+base_url = "https://api.example.com/v1"
+model = "gpt-x"
+api_key = "sk-1"
+client = "openai-sdk"
+organization = "org-1"
+project = "proj-1"
+requests_per_minute = 500
+tokens_per_minute = 200000
+
 [[persona]]
 name = "科学家"
 aliases = ["scientist"]
@@ -287,6 +331,19 @@ def test_personas_may_choose_their_backend_model_and_sampling(tmp_path: pathlib.
 
     assert registry.backends["bigger"] == BackendSpec(
         name="bigger", base_url="http://127.0.0.1:8081/v1", model="some-7b-instruct"
+    )
+    # Client, headers and quota: unset means the service's --llm-client, no headers, no limit.
+    assert (registry.backends["bigger"].client, registry.backends["bigger"].requests_per_minute) == (None, 0)
+    assert registry.backends["provider"] == BackendSpec(
+        name="provider",
+        base_url="https://api.example.com/v1",
+        model="gpt-x",
+        api_key="sk-1",
+        client="openai-sdk",
+        organization="org-1",
+        project="proj-1",
+        requests_per_minute=500,
+        tokens_per_minute=200_000,
     )
     scientist, philosopher, moderator = registry.personas.values()
     assert (scientist.backend, scientist.model, scientist.temperature, scientist.max_tokens) == (
