@@ -210,3 +210,15 @@ async def test_owner_counts_are_added_to_a_database_made_before_them(tmp_path: p
     assert await reopened.owned(ALICE) == (3, 2_000.0)
     assert await reopened.owned(BOB) == (0, None)
     await reopened.close()
+
+
+async def test_a_commit_is_on_disk_before_the_write_is_acknowledged(tmp_path: pathlib.Path) -> None:
+    # "Nothing acknowledged is lost" holds through power loss only if every commit is synced (FULL);
+    # NORMAL in WAL mode syncs at checkpoints, so the last commits before a power cut may vanish.
+    store = await SqliteStore.open(tmp_path / "store.db")
+    try:
+        (synchronous,) = (await store._query("PRAGMA synchronous", ()))[0]
+        (journal_mode,) = (await store._query("PRAGMA journal_mode", ()))[0]
+    finally:
+        await store.close()
+    assert (journal_mode, synchronous) == ("wal", 2)  # 2: FULL
