@@ -45,7 +45,11 @@ class MonitorSettings(ServiceSettings):
         default=5.0, gt=0, description="Alerts are evaluated on every report and at least this often."
     )
     alert_error_rate: float = Field(
-        default=0.05, ge=0, le=1, description="Error rate (0–1) of a method above which its alert fires; 0 disables."
+        default=0.05,
+        ge=0,
+        le=1,
+        description="Server-fault rate (0–1: UNKNOWN, INTERNAL, UNAVAILABLE, DATA_LOSS, DEADLINE_EXCEEDED; "
+        "refusals are not faults) of a method above which its alert fires; 0 disables.",
     )
     alert_error_rate_hold_seconds: float = Field(
         default=60.0, ge=0, description="How long the error rate must stay above its threshold before firing."

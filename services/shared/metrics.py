@@ -12,6 +12,12 @@ from prometheus_client import Counter, Histogram
 
 GRPC_LABELS = ("grpc_type", "grpc_service", "grpc_method")
 
+SERVER_FAULT_CODES: tuple[str, ...] = ("UNKNOWN", "INTERNAL", "UNAVAILABLE", "DATA_LOSS", "DEADLINE_EXCEEDED")
+"""The grpc_code values that are the server's fault: what an error rate counts, in the monitor's alert and in
+the RoundtableHighErrorRate rule (deploy/prometheus/rules.yml, kept equal by tests/deploy/test_rules.py).
+Refusals (INVALID_ARGUMENT, NOT_FOUND, RESOURCE_EXHAUSTED, UNAUTHENTICATED, ...) and CANCELLED are the
+caller's doing; counting them let a burst of bad or throttled calls page as an outage."""
+
 # Names, labels and buckets follow go-grpc-prometheus so stock dashboards work.
 SERVER_STARTED = Counter("grpc_server_started_total", "RPCs started on the server.", GRPC_LABELS)
 SERVER_HANDLED = Counter(

@@ -13,6 +13,7 @@ from google.protobuf import timestamp_pb2
 from prometheus_client import REGISTRY
 
 from services.gen.roundtable.monitor.v1 import monitor_pb2, monitor_pb2_grpc
+from services.shared.metrics import SERVER_FAULT_CODES
 
 logger = logging.getLogger(__name__)
 
@@ -30,7 +31,10 @@ class InstanceLoad:
 
 
 def method_counters(grpc_services: Iterable[str]) -> list[monitor_pb2.MethodCounters]:
-    """Cumulative per-method counters of these gRPC services, read from the Prometheus registry."""
+    """Cumulative per-method counters of these gRPC services, read from the Prometheus registry.
+
+    error_total counts server faults only (SERVER_FAULT_CODES), as the Prometheus error-rate rule does.
+    """
     wanted = set(grpc_services)
     by_method: dict[str, monitor_pb2.MethodCounters] = {}
 
@@ -50,7 +54,7 @@ def method_counters(grpc_services: Iterable[str]) -> list[monitor_pb2.MethodCoun
             counters = entry(service, sample.labels["grpc_method"])
             if sample.name == "grpc_server_handled_total":
                 counters.handled_total += int(sample.value)
-                if sample.labels.get("grpc_code") != "OK":
+                if sample.labels.get("grpc_code") in SERVER_FAULT_CODES:
                     counters.error_total += int(sample.value)
             elif sample.name == "grpc_server_handling_seconds_bucket":
                 counters.bucket_upper_bounds_seconds.append(float(sample.labels["le"]))

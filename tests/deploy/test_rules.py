@@ -6,6 +6,7 @@ import re
 import subprocess
 from pathlib import Path
 
+from services.shared.metrics import SERVER_FAULT_CODES
 from tests.deploy.prometheus_tools import require_tool
 
 RULES_DIR = Path(__file__).resolve().parents[2] / "deploy" / "prometheus"
@@ -63,3 +64,18 @@ def test_a_broken_rule_fails_its_unit_test(tmp_path: Path) -> None:
     )
     assert result.returncode != 0
     assert "alertname: RoundtableHighErrorRate" in result.stdout + result.stderr
+
+
+def test_the_error_rate_rule_counts_the_monitors_server_fault_codes() -> None:
+    # One set of codes for both alerts: the monitor's reporter counts SERVER_FAULT_CODES as errors.
+    rules = (RULES_DIR / "rules.yml").read_text(encoding="utf-8")
+    [codes] = re.findall(r'grpc_code=~"([^"]+)"', rules)
+    assert codes.split("|") == list(SERVER_FAULT_CODES)
+
+
+def test_a_burst_of_refused_calls_has_a_unit_test_that_keeps_the_error_rate_alert_quiet() -> None:
+    unit_tests = (RULES_DIR / "rules_test.yml").read_text(encoding="utf-8")
+    block = unit_tests.split("- name: a burst of refused calls is not an outage", 1)[1].split("- name:", 1)[0]
+    for code in ("INVALID_ARGUMENT", "RESOURCE_EXHAUSTED", "NOT_FOUND", "UNAUTHENTICATED"):
+        assert f'grpc_code="{code}"' in block
+    assert "alertname: RoundtableHighErrorRate\n        exp_alerts: []" in block

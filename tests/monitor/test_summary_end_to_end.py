@@ -17,13 +17,16 @@ from services.gen.roundtable.monitor.v1 import monitor_pb2
 from services.gen.roundtable.session.v1 import session_pb2
 from services.monitor.fleet import histogram_quantile
 from services.session.servicer import SessionServicer
+from services.shared.errors import Unavailable
 from services.shared.metrics import SERVER_HANDLING_SECONDS
 from tests.suite import Suite, run_to_end
 
 GET_DISCUSSION = "/roundtable.session.v1.SessionService/GetDiscussion"
 BOUNDS: Sequence[float] = SERVER_HANDLING_SECONDS._upper_bounds
 VALID_CALLS = 60
-MALFORMED_CALLS = 20
+MALFORMED_CALLS = 20  # refused INVALID_ARGUMENT: the caller's mistake, not an error of the service
+FAULTY_CALLS = 10  # UNAVAILABLE: a server fault, what the error rate counts
+FAULTY_ID = "f" * 32  # GetDiscussion fails UNAVAILABLE for this id, as when its store is down
 REPORT_INTERVAL_SECONDS = 0.1
 # Injected server-side latencies, spread over several buckets and well above the ~1 ms of scheduling noise that
 # servers, reporters and this client sharing one event loop add to what the client measures.
@@ -44,12 +47,14 @@ def quantile_of(latencies: Sequence[float], quantile: float) -> float:
 
 
 def inject_latency(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Make every GetDiscussion take the next of INJECTED_SECONDS longer, before the servers start."""
+    """Make every GetDiscussion take the next of INJECTED_SECONDS longer, and FAULTY_ID's fail UNAVAILABLE."""
     original = SessionServicer.GetDiscussion
     schedule = itertools.cycle(INJECTED_SECONDS)
 
     async def slowed(self: SessionServicer, request: Any, context: Any) -> Any:
         await asyncio.sleep(next(schedule))
+        if request.discussion_id == FAULTY_ID:
+            raise Unavailable("the store does not answer")
         return await original(self, request, context)
 
     monkeypatch.setattr(SessionServicer, "GetDiscussion", slowed)
@@ -70,18 +75,22 @@ async def test_summary_p99_and_error_rate_match_what_the_client_measured(
 
     started = time.monotonic()
     latencies: list[float] = []
-    failures = 0
-    for index in range(VALID_CALLS + MALFORMED_CALLS):
-        malformed = index % 4 == 3  # every fourth call names no valid id
-        discussion_id = "not-a-discussion-id" if malformed else document.discussion_id
+    failures: list[grpc.StatusCode] = []
+    for index in range(VALID_CALLS + MALFORMED_CALLS + FAULTY_CALLS):
+        discussion_id = document.discussion_id
+        if index % 9 == 8:  # every ninth call meets a fault
+            discussion_id = FAULTY_ID
+        elif index % 9 in (2, 5):  # two in nine name no valid id
+            discussion_id = "not-a-discussion-id"
         before = time.perf_counter()
         try:
             await session.GetDiscussion(session_pb2.GetDiscussionRequest(discussion_id=discussion_id), timeout=10)
         except grpc.aio.AioRpcError as error:
-            assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
-            failures += 1
+            failures.append(error.code())
         latencies.append(time.perf_counter() - before)
-    assert failures == MALFORMED_CALLS
+    assert failures.count(grpc.StatusCode.INVALID_ARGUMENT) == MALFORMED_CALLS
+    assert failures.count(grpc.StatusCode.UNAVAILABLE) == FAULTY_CALLS
+    all_calls = VALID_CALLS + MALFORMED_CALLS + FAULTY_CALLS
 
     # The window reaches back into the quiet time and no further than its start.
     deadline = time.monotonic() + 15
@@ -92,13 +101,14 @@ async def test_summary_p99_and_error_rate_match_what_the_client_measured(
         )
         rows = {row.method: row for row in summary.methods}
         row = rows.get(GET_DISCUSSION)
-        if row is not None and row.requests == VALID_CALLS + MALFORMED_CALLS:
+        if row is not None and row.requests == all_calls:
             break
         assert time.monotonic() < deadline, f"the monitor never saw all calls: {row}"
         await asyncio.sleep(REPORT_INTERVAL_SECONDS)
 
-    assert row.errors == MALFORMED_CALLS
-    assert row.error_rate == MALFORMED_CALLS / (VALID_CALLS + MALFORMED_CALLS)
+    # Server faults only: the refused calls are not errors of the service (SERVER_FAULT_CODES).
+    assert row.errors == FAULTY_CALLS
+    assert row.error_rate == FAULTY_CALLS / all_calls
     # Spread as injected, the quantiles fall in different buckets: the comparison below can tell them apart.
     assert bucket_index(quantile_of(latencies, 0.5)) < bucket_index(quantile_of(latencies, 0.99))
     # The server's clock stops before the response crosses the channel, so it may read up to one bucket lower.
