@@ -31,6 +31,7 @@ from services.shared.errors import (
     ResourceExhausted,
     Unavailable,
 )
+from services.shared.logs import session_context
 from services.shared.session_logs import remove_session_log
 
 logger = logging.getLogger(__name__)
@@ -136,6 +137,9 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
             await self._runner.submit(stored, owner, admitted)
             submitted = True
             DISCUSSIONS_CREATED.inc()
+            with session_context(discussion_id):
+                # Its log file is named by the store id: this line lets `logs search <caller's id>` find it.
+                logger.info("created for principal %s, who knows it as %s", owner, public_id)
             return self._as_public(stored, public_id)
         finally:
             if not submitted and release_on_failure:

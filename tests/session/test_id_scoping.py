@@ -15,8 +15,11 @@ import grpc
 import pytest
 
 from services.gen.roundtable.session.v1 import session_pb2
+from services.session.auth import ANONYMOUS
 from services.session.keys import add_key
+from services.shared.logs import flush
 from tests.redis_server import redis_server, redis_url  # noqa: F401  (fixtures the redis case uses)
+from tests.shared.logging_setup import service_logging
 from tests.suite import Suite
 
 MakeSuite = Callable[..., Awaitable[Suite]]
@@ -158,3 +161,21 @@ async def test_a_refused_proposal_answers_the_same_whether_or_not_another_holds_
     assert [(d.discussion_id, d.topic) for d in listing.discussions] == [(held, "alice's")]
     for discussion_id in (held,):
         await drain(stub, discussion_id, caller(alice))
+
+
+async def test_the_log_file_named_by_the_store_id_names_the_callers_id(
+    make_suite: MakeSuite, tmp_path: pathlib.Path
+) -> None:
+    with service_logging(tmp_path / "logs") as (files, _):
+        suite = await make_suite()
+        stub = suite.session()
+        proposed = secrets.token_hex(16)
+        await stub.CreateDiscussion(
+            Create(topic="find my log", personas=["engineer"]), metadata=(("x-session-id", proposed),)
+        )
+        await drain(stub, proposed, ())
+        assert flush()
+        store_id = suite.session_service.store_id(ANONYMOUS, proposed)
+        log_text = files.path(store_id).read_text(encoding="utf-8")
+    assert store_id != proposed
+    assert f"created for principal {ANONYMOUS}, who knows it as {proposed}" in log_text
