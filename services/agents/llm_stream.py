@@ -48,6 +48,8 @@ import logging
 import math
 import re
 import time
+import urllib.parse
+import urllib.request
 from collections.abc import AsyncGenerator, Mapping
 from typing import Any
 
@@ -239,6 +241,9 @@ class StreamingChatClient:
         self._budget_key = backend.budget_key
         # Made on first use, inside the running loop that will use it.
         self._session: aiohttp.ClientSession | None = None
+        # HTTP(S)_PROXY / NO_PROXY apply as they do to the openai SDK's httpx client; read once here, since
+        # aiohttp's trust_env would read the environment and ~/.netrc again on every request.
+        self._proxy = env_proxy(self._url)
         self._retrying = AsyncRetrying(
             retry=retry_if_exception(lambda error: isinstance(error, _AttemptFailed)),
             stop=self._stop,
@@ -341,6 +346,7 @@ class StreamingChatClient:
                 response = await self.session.post(
                     self._url,
                     data=body,
+                    proxy=self._proxy,
                     headers=self._headers if not retries[0] else {**self._headers, RETRY_COUNT_HEADER: str(retries[0])},
                     timeout=aiohttp.ClientTimeout(total=remaining_seconds, ceil_threshold=NO_CEILING_SECONDS),
                 )
@@ -438,6 +444,14 @@ def _error_message(body: Any) -> str:
         if isinstance(error, str):
             return error[:MAX_ERROR_MESSAGE_CHARS]
     return orjson.dumps(body).decode()[:MAX_ERROR_MESSAGE_CHARS]
+
+
+def env_proxy(url: str) -> str | None:
+    """The proxy the environment (HTTP_PROXY, HTTPS_PROXY) names for url, unless NO_PROXY exempts its host."""
+    parts = urllib.parse.urlsplit(url)
+    if urllib.request.proxy_bypass(parts.hostname or ""):
+        return None
+    return urllib.request.getproxies().get(parts.scheme)
 
 
 def parse_duration_seconds(text: str) -> float | None:

@@ -17,7 +17,7 @@ from prometheus_client import REGISTRY
 
 from services.agents.llm import BUDGET_TIMEOUT_REASON, Backend, ChatMessage, LLMCallFailed, LLMCallTimeout, LLMRouter
 from services.agents.llm_budget import LLMBudgetExhausted, LLMBudgetUnavailable, Reservation, UnlimitedBudget
-from services.agents.llm_stream import parse_duration_seconds, retry_after_seconds
+from services.agents.llm_stream import env_proxy, parse_duration_seconds, retry_after_seconds
 from services.simulator.server import RunningSimulator, start_simulator
 from services.simulator.settings import SimulatorSettings
 
@@ -77,6 +77,17 @@ def test_a_spent_quotas_reset_counts_on_a_429_only() -> None:
     assert retry_after_seconds(room_left, rate_limited=True) == 1.0
     tokens = {"x-ratelimit-reset-tokens": "20ms"}  # no remaining-tokens header: taken as spent
     assert retry_after_seconds(tokens, rate_limited=True) == pytest.approx(0.02)
+
+
+def test_the_environments_proxy_applies_unless_no_proxy_exempts_the_host(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "http_proxy", "https_proxy", "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    assert env_proxy("https://api.openai.com/v1/chat/completions") is None
+    monkeypatch.setenv("HTTPS_PROXY", "http://egress:3128")
+    monkeypatch.setenv("NO_PROXY", "localhost,127.0.0.1")
+    assert env_proxy("https://api.openai.com/v1/chat/completions") == "http://egress:3128"
+    assert env_proxy("http://api.openai.com/v1/chat/completions") is None  # no HTTP_PROXY
+    assert env_proxy("https://127.0.0.1:8443/v1/chat/completions") is None
 
 
 @pytest.fixture
