@@ -26,6 +26,7 @@ from redis.retry import Retry
 
 from services.agents import metrics
 from services.agents.llm_budget import (
+    TRANSIT_ALLOWANCE_SECONDS,
     BucketReading,
     BudgetLimits,
     LLMBudgetUnavailable,
@@ -49,37 +50,44 @@ local rpm, tpm = tonumber(ARGV[1]), tonumber(ARGV[2])
 local clock = redis.call('TIME')
 local now = tonumber(clock[1]) * 1000 + tonumber(clock[2]) / 1000
 local state = redis.call('HMGET', key, 'requests', 'tokens', 'at', 'cool')
-local elapsed = math.max(0, now - (tonumber(state[3]) or now))
-local requests = math.min(rpm, (tonumber(state[1]) or rpm) + elapsed * rpm / 60000)
-local tokens = math.min(tpm, (tonumber(state[2]) or tpm) + elapsed * tpm / 60000)
+local requests, tokens = tonumber(state[1]) or rpm, tonumber(state[2]) or tpm
+-- `at` is ahead of now while a transit allowance runs: no refill until then.
+local at = tonumber(state[3]) or now
+if now > at then
+  requests = math.min(rpm, requests + (now - at) * rpm / 60000)
+  tokens = math.min(tpm, tokens + (now - at) * tpm / 60000)
+  at = now
+end
 local cool = tonumber(state[4]) or 0
 
 local function save()
-  redis.call('HSET', key, 'requests', tostring(requests), 'tokens', tostring(tokens), 'at', tostring(now),
+  redis.call('HSET', key, 'requests', tostring(requests), 'tokens', tostring(tokens), 'at', tostring(at),
     'cool', tostring(cool))
   -- Once both buckets are full again and no cooldown runs, the key says nothing a missing key does not.
-  local keep_ms = cool - now
-  if rpm > 0 then keep_ms = math.max(keep_ms, (rpm - requests) * 60000 / rpm) end
-  if tpm > 0 then keep_ms = math.max(keep_ms, (tpm - tokens) * 60000 / tpm) end
-  redis.call('PEXPIRE', key, math.ceil(math.max(keep_ms, 0)) + 1000)
+  local fill_ms = 0
+  if rpm > 0 then fill_ms = math.max(fill_ms, (rpm - requests) * 60000 / rpm) end
+  if tpm > 0 then fill_ms = math.max(fill_ms, (tpm - tokens) * 60000 / tpm) end
+  local keep_ms = math.max(cool - now, at - now + fill_ms, 0)
+  redis.call('PEXPIRE', key, math.ceil(keep_ms) + 1000)
 end
 """
 
-# ARGV[3] tokens wanted. Returns {granted, wait_ms, requests left, tokens left}.
+# ARGV[3] tokens wanted, ARGV[4] the transit allowance (ms) a take from full buckets delays the refill by.
+# Returns {granted, wait_ms, requests left, tokens left}.
 TAKE = (
     PRELUDE
     + """
 local wanted = tonumber(ARGV[3])
 local wait = 0
-if cool > now then
-  wait = cool - now
-else
-  if rpm > 0 and requests < 1 then wait = (1 - requests) * 60000 / rpm end
-  if tpm > 0 and tokens < wanted then wait = math.max(wait, (wanted - tokens) * 60000 / tpm) end
-end
+if rpm > 0 and requests < 1 then wait = (1 - requests) * 60000 / rpm end
+if tpm > 0 and tokens < wanted then wait = math.max(wait, (wanted - tokens) * 60000 / tpm) end
+-- The refill starts after a running transit allowance.
+if wait > 0 then wait = wait + math.max(0, at - now) end
+wait = math.max(wait, cool - now)
 local granted = 0
 if wait <= 0 then
   granted = 1
+  if requests >= rpm and tokens >= tpm then at = now + tonumber(ARGV[4]) end
   if rpm > 0 then requests = requests - 1 end
   if tpm > 0 then tokens = tokens - wanted end
 end
@@ -149,7 +157,13 @@ class RedisBuckets:
     async def take(self, backend: str, limits: BudgetLimits, tokens: int) -> BucketReading:
         """Take one request and `tokens` if both buckets cover them and no cooldown runs (Redis' clock)."""
         granted, wait_ms, requests, tokens_left = await self._take(
-            keys=self._key(backend), args=[limits.requests_per_minute, limits.tokens_per_minute, tokens]
+            keys=self._key(backend),
+            args=[
+                limits.requests_per_minute,
+                limits.tokens_per_minute,
+                tokens,
+                round(TRANSIT_ALLOWANCE_SECONDS * 1000),
+            ],
         )
         return BucketReading(bool(granted), int(wait_ms) / 1000, float(requests), float(tokens_left))
 
