@@ -142,6 +142,18 @@ async def test_the_buckets_refill_over_time(make_budget: MakeBudget) -> None:
     assert 0.3 <= time.monotonic() - started < 2.5
 
 
+async def test_a_burst_from_full_buckets_starts_the_refill_a_transit_allowance_later(make_budget: MakeBudget) -> None:
+    # The provider's bucket starts refilling only when our first call reaches it: ours must not run ahead.
+    budget = make_budget(limits(tokens_per_minute=6000))  # 100 tokens a second
+    await reserve(budget, tokens=6000)
+    started = time.monotonic()
+    await asyncio.sleep(TRANSIT_ALLOWANCE_SECONDS * 0.4)  # 20 tokens would have refilled by now
+    with pytest.raises(LLMBudgetExhausted):
+        await reserve(budget, tokens=1, within=TRANSIT_ALLOWANCE_SECONDS * 0.3)
+    await reserve(budget, tokens=10, within=5)
+    assert time.monotonic() - started >= TRANSIT_ALLOWANCE_SECONDS + 0.05
+
+
 async def test_settle_refunds_what_the_call_did_not_use(make_budget: MakeBudget) -> None:
     budget = make_budget(limits(tokens_per_minute=1000))
     reservation = await reserve(budget, tokens=1000)
