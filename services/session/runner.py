@@ -268,7 +268,7 @@ class DiscussionRunner:
                 if final is not None:
                     await self._finish(live, final)
                 elif live.abandoned:
-                    logger.warning("stopped: another replica took this discussion over")
+                    logger.warning("stopped: its lease is gone (another replica took it over, or deleted it)")
                 else:
                     await asyncio.shield(self._store.save(doc))
                     logger.info("suspended after round %d, to resume on restart", doc.completed_rounds)
@@ -390,8 +390,17 @@ class DiscussionRunner:
                     self._abandon_later(discussion_id)
                 self.start_promoted(await self._admission.reap())
                 ticks += 1
-                if self._adopt_orphans is not None and ticks % 3 == 0:  # about once a ttl
+                if self._shared_state and ticks % 3 == 0:  # about once a ttl
+                    await self._drop_removed_queued()
+                if self._adopt_orphans is not None and ticks % 3 == 0:
                     await self._adopt_orphans()
+
+    async def _drop_removed_queued(self) -> None:
+        """Let go of queued discussions whose record another replica removed (a delete there, or its sweep)."""
+        for discussion_id in list(self.queued):
+            if await self._store.get(discussion_id) is None:
+                logger.info("discussion %s was removed while it waited; it leaves the queue", discussion_id)
+                await self.drop_queued(discussion_id)
 
     def _abandon_later(self, discussion_id: str) -> None:
         live = self.active.get(discussion_id)

@@ -22,7 +22,14 @@ from services.session.personas import PersonaCatalog
 from services.session.rate_limit import RateLimiter
 from services.session.runner import DiscussionRunner, is_terminal, now_timestamp
 from services.session.settings import SessionSettings
-from services.session.store import DiscussionExists, InvalidPageToken, Store, created_nanos, encode_page_token
+from services.session.store import (
+    UNFINISHED_STATUSES,
+    DiscussionExists,
+    InvalidPageToken,
+    Store,
+    created_nanos,
+    encode_page_token,
+)
 from services.shared.errors import (
     AlreadyExists,
     FailedPrecondition,
@@ -251,8 +258,14 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
         """Remove the discussion, its events and its agent set."""
         owner = await self._caller(context, self._settings.read_cost)
         doc = await self._visible(request.discussion_id, owner, fold_events=False)
-        await self._runner.stop(doc.discussion_id, session_pb2.DISCUSSION_STATUS_CANCELLED, "deleted by the client")
+        stopped = await self._runner.stop(
+            doc.discussion_id, session_pb2.DISCUSSION_STATUS_CANCELLED, "deleted by the client"
+        )
         await self._store.delete(doc.discussion_id)
+        if not stopped and doc.status in UNFINISHED_STATUSES:
+            # Another replica runs (or queues) it: free its slot now, after the record is gone so nobody
+            # adopts it; that replica finds its lease gone at its next renewal and stops, writing nothing.
+            self._runner.start_promoted(await self._admission.release(doc.discussion_id))
         await self._runner.release_agents(doc.discussion_id)
         remove_session_log(doc.discussion_id)
         return session_pb2.DeleteDiscussionResponse()
