@@ -233,7 +233,7 @@ class FailoverBuckets:
             self._down_until = time.monotonic() + self._retry_after_seconds
             return await on_fallback()
         if self._down_until is not None:
-            logger.warning("LLM budget: Redis answers again; the budget is shared by the fleet again")
+            logger.info("LLM budget: Redis answers again; the budget is shared by the fleet again")
             self._down_until = None
         return result
 
