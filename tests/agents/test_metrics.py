@@ -28,6 +28,8 @@ AGENT_METRICS = (
     "roundtable_llm_request_seconds",
     "roundtable_llm_tokens_total",
     "roundtable_llm_retries_total",
+    "roundtable_llm_rate_limited_total",
+    "roundtable_llm_malformed_lines_total",
     "roundtable_llm_calls_in_flight",
     "roundtable_llm_calls_waiting",
     "roundtable_agent_runs_total",
@@ -111,7 +113,7 @@ async def test_runs_tokens_and_agent_sets_match_the_discussion_documents(make_su
     assert deltas("roundtable_llm_calls_in_flight") == deltas("roundtable_llm_calls_waiting") == 0
 
 
-async def test_retries_the_sdk_makes_are_counted(make_suite: MakeSuite) -> None:
+async def test_retries_and_rate_limits_are_counted(make_suite: MakeSuite) -> None:
     suite = await make_suite(
         simulator={"fail_429_rate": 1.0, "retry_after_seconds": 0.05}, agents={"llm_max_retries": 10}
     )
@@ -137,6 +139,7 @@ async def test_retries_the_sdk_makes_are_counted(make_suite: MakeSuite) -> None:
     # Each refusal was sent again, and each attempt sent again was counted once, as the simulator saw it.
     assert retried == refused
     assert deltas("roundtable_llm_retries_total") == retried
+    assert deltas("roundtable_llm_rate_limited_total") == refused
     # The retries belong to their call: one observation each, all of them answered in the end.
     assert deltas.calls("ok") == len(doc.results) == deltas.runs("completed")
     assert deltas.calls("error") == deltas.runs("failed") == 0
