@@ -19,11 +19,14 @@ import hashlib
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import TYPE_CHECKING, Literal, Protocol
 
 from services.agents import metrics
 from services.agents.llm_budget import LLMBudget, LLMBudgetExhausted, LLMBudgetUnavailable, Reservation, UnlimitedBudget
 from services.gen.roundtable.common.v1 import discussion_pb2
+
+if TYPE_CHECKING:
+    from services.agents.llm_stream import EndpointPools
 
 ClientKind = Literal["stream", "openai-sdk"]
 CLIENT_KINDS: tuple[ClientKind, ...] = ("stream", "openai-sdk")
@@ -152,7 +155,12 @@ class BackendClient(Protocol):
 
 
 def build_backend_client(
-    backend: Backend, *, max_retries: int, max_concurrent_calls: int, budget: LLMBudget
+    backend: Backend,
+    *,
+    max_retries: int,
+    max_concurrent_calls: int,
+    budget: LLMBudget,
+    pools: EndpointPools | None = None,
 ) -> BackendClient:
     """The client the backend asks for; the openai SDK is imported only when a backend uses it."""
     if backend.client == "openai-sdk":
@@ -161,10 +169,10 @@ def build_backend_client(
         return OpenAISDKChatClient(
             backend, max_retries=max_retries, max_concurrent_calls=max_concurrent_calls, budget=budget
         )
-    from services.agents.llm_stream import StreamingChatClient
+    from services.agents.llm_stream import EndpointPools, StreamingChatClient
 
     return StreamingChatClient(
-        backend, max_retries=max_retries, max_concurrent_calls=max_concurrent_calls, budget=budget
+        backend, max_retries=max_retries, budget=budget, pools=pools or EndpointPools(max_concurrent_calls)
     )
 
 
@@ -186,9 +194,18 @@ class LLMRouter:
         self.backends = {backend.name: backend for backend in extra}
         self.budget: LLMBudget = budget or UnlimitedBudget()
 
+        from services.agents.llm_stream import EndpointPools
+
+        # The streaming clients' sockets: one keep-alive pool per endpoint, whichever backends name it.
+        pools = EndpointPools(max_concurrent_calls)
+
         def client_of(backend: Backend) -> BackendClient:
             return build_backend_client(
-                backend, max_retries=max_retries, max_concurrent_calls=max_concurrent_calls, budget=self.budget
+                backend,
+                max_retries=max_retries,
+                max_concurrent_calls=max_concurrent_calls,
+                budget=self.budget,
+                pools=pools,
             )
 
         # One connection pool per endpoint; the outbound cap below is shared by all of them.

@@ -21,7 +21,7 @@ What it keeps of the SDK:
 - The whole-call time: each attempt's aiohttp `total` timeout is what is left of the call's
   deadline. aiohttp's timer cancels only a read in progress, so it never fires into the caller's
   code between chunks, and one timer a call bounds a silent server as well as a slow one.
-- One keep-alive pool per client with as many connections as the outbound cap lets calls through,
+- One keep-alive pool per endpoint (EndpointPools) with as many sockets as the outbound cap lets through,
   so sockets are bounded by calls in flight and reused across calls.
 
 How a stream may end:
@@ -219,10 +219,41 @@ class _SSEStream:
         return estimated_usage(call.messages, self.pieces)
 
 
+class EndpointPools:
+    """One keep-alive socket pool per endpoint (scheme, host and port), shared by every backend that names it.
+
+    Each pool holds at most max_connections sockets (the outbound cap), opened only for calls in
+    flight and kept for the next call; two backends on one endpoint (another model, another key)
+    share its sockets rather than each keeping its own idle ones.
+    """
+
+    def __init__(self, max_connections: int) -> None:
+        self._max_connections = max_connections
+        self._sessions: dict[str, aiohttp.ClientSession] = {}
+
+    def session_for(self, url: str) -> aiohttp.ClientSession:
+        """The pool of url's endpoint, made on first use (inside the running loop that will use it)."""
+        parts = urllib.parse.urlsplit(url)
+        endpoint = f"{parts.scheme}://{parts.netloc}"
+        session = self._sessions.get(endpoint)
+        if session is None or session.closed:
+            connector = aiohttp.TCPConnector(
+                limit=self._max_connections, limit_per_host=0, keepalive_timeout=KEEPALIVE_SECONDS
+            )
+            session = aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=None))
+            self._sessions[endpoint] = session
+        return session
+
+    async def close(self) -> None:
+        """Close every pool's sockets."""
+        for session in self._sessions.values():
+            await session.close()
+
+
 class StreamingChatClient:
     """One OpenAI-compatible backend over aiohttp: streamed chat completions, retries, budget, one socket pool."""
 
-    def __init__(self, backend: Backend, *, max_retries: int, max_concurrent_calls: int, budget: LLMBudget) -> None:
+    def __init__(self, backend: Backend, *, max_retries: int, budget: LLMBudget, pools: EndpointPools) -> None:
         self.backend = backend
         self._url = backend.base_url.rstrip("/") + "/chat/completions"
         headers = {
@@ -236,10 +267,9 @@ class StreamingChatClient:
             headers["OpenAI-Project"] = backend.project
         self._headers = headers
         self._max_retries = max_retries
-        self._max_connections = max_concurrent_calls
+        self._pools = pools
         self._budget = budget
         self._budget_key = backend.budget_key
-        # Made on first use, inside the running loop that will use it.
         self._session: aiohttp.ClientSession | None = None
         # HTTP(S)_PROXY / NO_PROXY apply as they do to the openai SDK's httpx client; read once here, since
         # aiohttp's trust_env would read the environment and ~/.netrc again on every request.
@@ -255,13 +285,11 @@ class StreamingChatClient:
 
     @property
     def session(self) -> aiohttp.ClientSession:
-        """The client's HTTP session: one keep-alive pool of at most max_concurrent_calls sockets."""
-        if self._session is None:
-            connector = aiohttp.TCPConnector(
-                limit=self._max_connections, limit_per_host=0, keepalive_timeout=KEEPALIVE_SECONDS
-            )
-            self._session = aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=None))
-        return self._session
+        """The HTTP session of this backend's endpoint: its keep-alive pool of at most the outbound cap's sockets."""
+        session = self._session
+        if session is None or session.closed:
+            session = self._session = self._pools.session_for(self._url)
+        return session
 
     async def stream(self, call: ChatCall) -> AsyncGenerator[ChatChunk, None]:
         """Stream one completion: retried until its first text, then read to its end."""
@@ -416,9 +444,8 @@ class StreamingChatClient:
         state.args[2][0] += 1
 
     async def close(self) -> None:
-        """Close the connection pool."""
-        if self._session is not None:
-            await self._session.close()
+        """Close the endpoint pools this client uses (shared ones too: the router closes every client at once)."""
+        await self._pools.close()
 
 
 async def _drain(response: aiohttp.ClientResponse) -> None:

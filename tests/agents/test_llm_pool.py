@@ -82,7 +82,11 @@ async def test_each_sdk_endpoint_pools_a_connection_for_every_call_the_cap_lets_
 async def test_each_streaming_endpoint_pools_a_socket_for_every_call_the_cap_lets_through() -> None:
     llm = LLMRouter(
         default=Backend(name="a", base_url="http://127.0.0.1:9/v1", api_key="k", model="m"),
-        extra=[Backend(name="b", base_url="http://127.0.0.1:10/v1", api_key="k", model="m")],
+        extra=[
+            Backend(name="b", base_url="http://127.0.0.1:10/v1", api_key="k", model="m"),
+            # Another model and key on a's endpoint: its calls use a's sockets.
+            Backend(name="c", base_url="http://127.0.0.1:9/v1", api_key="other", model="n"),
+        ],
         temperature=0.7,
         max_tokens=16,
         max_retries=0,
@@ -91,6 +95,7 @@ async def test_each_streaming_endpoint_pools_a_socket_for_every_call_the_cap_let
     clients = [llm.default_client, *llm.clients.values()]
     assert all(isinstance(client, StreamingChatClient) for client in clients)
     sessions = [client.session for client in clients]  # type: ignore[attr-defined]
+    assert sessions[0] is sessions[2] is not sessions[1]
     try:
         for session in sessions:
             connector = session.connector

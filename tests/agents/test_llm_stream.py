@@ -119,6 +119,27 @@ async def test_a_wait_past_the_deadline_fails_at_once_with_the_providers_answer(
     assert budget.seconds == [30.0]  # the whole fleet still pauses as told
 
 
+async def test_a_429_without_a_hint_pauses_the_backend_one_second() -> None:
+    async def refuse(request: web.Request) -> web.Response:
+        await request.read()
+        return web.json_response({"error": {"message": "slow down", "type": "requests"}}, status=429)
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", refuse)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    budget = CoolDowns()
+    try:
+        with pytest.raises(LLMCallFailed, match="answered HTTP 429: slow down") as failed:
+            await answer(streaming_router(f"http://127.0.0.1:{site.port}/v1", max_retries=0, budget=budget))
+    finally:
+        await runner.cleanup()
+    assert failed.value.retryable
+    assert budget.seconds == [1.0]
+
+
 class Refusing(UnlimitedBudget):
     """A budget that refuses every reservation with the given error."""
 
