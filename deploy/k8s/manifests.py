@@ -26,6 +26,7 @@ import yaml
 
 from deploy.envoy.config import kubernetes_topology, render
 from deploy.k8s.environments import Environment, Resources, Scaling
+from services.shared.health import LIVENESS_SERVICE
 from services.shared.service_auth import INTERNAL_TOKEN_ENV
 
 Manifest = dict[str, Any]
@@ -166,11 +167,14 @@ def _pod_security(uid: int) -> dict[str, Any]:
 
 def _grpc_probes(port: int) -> dict[str, Any]:
     # Kubernetes' own gRPC probe asks grpc.health.v1 for the server ("") status, which a graceful
-    # stop turns NOT_SERVING first. Liveness gets slack: a busy event loop is not a dead one.
+    # stop turns NOT_SERVING first, and so does a failing health component (Redis, the agent channel):
+    # readiness then routes away. Liveness asks LIVENESS_SERVICE, which components leave alone, so a
+    # lost dependency does not restart every pod. It gets slack: a busy event loop is not a dead one.
+    liveness = {"port": port, "service": LIVENESS_SERVICE}
     return {
         "startupProbe": {"grpc": {"port": port}, "periodSeconds": 2, "failureThreshold": 30, "timeoutSeconds": 2},
         "readinessProbe": {"grpc": {"port": port}, "periodSeconds": 5, "failureThreshold": 2, "timeoutSeconds": 2},
-        "livenessProbe": {"grpc": {"port": port}, "periodSeconds": 10, "failureThreshold": 3, "timeoutSeconds": 5},
+        "livenessProbe": {"grpc": liveness, "periodSeconds": 10, "failureThreshold": 3, "timeoutSeconds": 5},
     }
 
 

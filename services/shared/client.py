@@ -1,4 +1,5 @@
-"""Client-side go-grpc-prometheus metrics for the calls one service makes to another."""
+"""Client-side go-grpc-prometheus metrics for the calls one service makes to another, and a health check of
+the service a channel leads to."""
 
 from __future__ import annotations
 
@@ -8,8 +9,10 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.shared import metrics
+from services.shared.health import ComponentFailing, HealthCheck
 
 
 class _ClientMethodMetrics:
@@ -81,3 +84,25 @@ def _observe(stats: _ClientMethodMetrics, started: float, call: grpc.aio.Call) -
 def client_interceptors() -> list[grpc.aio.ClientInterceptor]:
     """Interceptors counting and timing every call made on a channel."""
     return [_UnaryUnary(), _UnaryStream()]
+
+
+def dependency_health_check(channel: grpc.aio.Channel, grpc_service: str) -> HealthCheck:
+    """A health component for the service a channel leads to: it fails unless that service answers SERVING.
+
+    It asks grpc.health.v1 through the channel, so behind a balancer (Envoy) it fails when no replica
+    is healthy, not only when the balancer is unreachable. After an outage, the check passes once the
+    channel reconnects (its grpc.max_reconnect_backoff_ms bounds how late).
+    """
+    stub = health_pb2_grpc.HealthStub(channel)
+    request = health_pb2.HealthCheckRequest(service=grpc_service)
+
+    async def check() -> None:
+        try:
+            reply = await stub.Check(request)
+        except grpc.aio.AioRpcError as error:
+            raise ComponentFailing(f"{grpc_service}: {error.code().name} {error.details() or ''}".strip()) from None
+        if reply.status != health_pb2.HealthCheckResponse.SERVING:
+            status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+            raise ComponentFailing(f"{grpc_service}: {status}")
+
+    return check

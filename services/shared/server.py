@@ -7,13 +7,14 @@ import contextlib
 import functools
 import logging
 import signal
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Protocol
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from services.shared.health import LIVENESS_SERVICE, HealthCheck, HealthComponents
 from services.shared.interceptor import ServerInterceptor
 from services.shared.logs import setup_logging
 from services.shared.metrics import MetricsServer, watch_event_loop_lag
@@ -80,6 +81,7 @@ class ServiceHost:
         self.metrics: MetricsServer | None = None
         self._reporter: MonitorReporter | None = None
         self._lag_watch: asyncio.Task[None] | None = None
+        self._components: HealthComponents | None = None
         self._stopping = False
 
     @property
@@ -88,7 +90,7 @@ class ServiceHost:
         return f"{self.settings.host}:{self.port}"
 
     async def start(self) -> None:
-        """Bind, start serving, and mark every service SERVING."""
+        """Bind, start serving, and mark every service SERVING, or NOT_SERVING while a health component fails."""
         # Read before anything opens, so unreadable certificates stop start-up with nothing to clean up.
         credentials = server_credentials(self.settings)
         # The service builds its servicers (store, channels) before they are registered.
@@ -113,8 +115,21 @@ class ServiceHost:
             if self.metrics is not None:
                 self.metrics.stop()
             raise
-        for name in ("", *self.service.grpc_services):
-            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        await self.health.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
+        # Optional (HasHealthChecks); looked up, not isinstance-checked: protocol checks cache per class.
+        declare: Callable[[], Mapping[str, HealthCheck]] | None = getattr(self.service, "health_checks", None)
+        checks = declare() if declare is not None else {}
+        self._components = HealthComponents(
+            checks,
+            self.health,
+            tuple(self.service.grpc_services),
+            interval_seconds=self.settings.health_check_interval_seconds,
+            timeout_seconds=self.settings.health_check_timeout_seconds,
+        )
+        # SERVING unless a component already fails: the first answer a probe gets is already true.
+        await self._components.evaluate()
+        if checks:
+            self._components.start()
         if self.settings.monitor_address:
             self._reporter = MonitorReporter(
                 open_channel=functools.partial(create_channel, self.settings.monitor_address, self.settings),
@@ -144,6 +159,8 @@ class ServiceHost:
             return
         self._stopping = True
         grace = self.settings.shutdown_grace_seconds if grace_seconds is None else grace_seconds
+        if self._components is not None:
+            await self._components.stop()  # a recovering component must not turn a stopping host SERVING
         await self.health.enter_graceful_shutdown()
         await self.service.drain(grace)
         # stop(grace) refuses new RPCs at once and cancels those still running after `grace` seconds.

@@ -88,6 +88,12 @@ class ServiceSettings(BaseSettings):
     event_loop_lag_interval_seconds: float = Field(
         0.1, gt=0, description="How often event-loop lag is sampled into roundtable_event_loop_lag_seconds."
     )
+    health_check_interval_seconds: float = Field(
+        5.0, gt=0, description="How often the service's health components (store, channels) are checked."
+    )
+    health_check_timeout_seconds: float = Field(
+        2.0, gt=0, description="A health check not answered within this time counts as failing."
+    )
     monitor_address: str = Field("", description="host:port of the monitor service; empty disables reports.")
     report_interval_seconds: float = Field(10.0, gt=0, description="How often to report to the monitor.")
     tls_cert_file: pathlib.Path | None = Field(

@@ -36,6 +36,7 @@ from deploy.k8s.render import render as render_files
 from services.agents.settings import AgentsSettings
 from services.monitor.settings import MonitorSettings
 from services.session.settings import SessionSettings
+from services.shared.health import LIVENESS_SERVICE
 from services.shared.service_auth import INTERNAL_TOKEN_ENV
 from services.shared.settings import ServiceSettings
 
@@ -294,6 +295,9 @@ def test_probes_use_integer_ports_and_grpc_health(env: Environment) -> None:
             grpc_port = container_ports(workload)["grpc"]
             for probe_name in PROBES:
                 assert container[probe_name]["grpc"]["port"] == grpc_port, f"{where} {probe_name}"
+            # Readiness follows the health components; liveness only whether the process serves at all.
+            assert "service" not in container["readinessProbe"]["grpc"], where
+            assert container["livenessProbe"]["grpc"]["service"] == LIVENESS_SERVICE, where
 
 
 @pytest.mark.parametrize("env", ENVIRONMENTS, ids=lambda env: env.name)
