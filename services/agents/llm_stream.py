@@ -8,21 +8,25 @@ it against the openai SDK and a bare aiohttp reader).
 
 What it keeps of the SDK:
 - Retries on 408/409/429/5xx and connection errors, only before the first text is given to the
-  caller (text given is never sent again), in tenacity's loop. The first attempt is made outside it
-  and replayed into it only when it failed: tenacity's bookkeeping costs ~30 µs a call, a measurable
-  share of a short answer (bench/llm_clients.py), and most calls never retry. The wait is what the provider said
-  (Retry-After, retry-after-ms, and on a 429 x-ratelimit-reset-requests/-tokens of a quota whose
-  x-ratelimit-remaining-* is 0; the largest),
+  caller (text given is never sent again), in tenacity's loop. The first attempt is made outside
+  it and replayed into it only when it failed: tenacity's bookkeeping costs ~30 µs a call, a
+  measurable share of a short answer (bench/llm_clients.py), and most calls never retry.
+- The wait before a retry is what the provider said (the largest of retry-after-ms, Retry-After
+  and, on a 429, x-ratelimit-reset-requests/-tokens of a quota whose x-ratelimit-remaining-* is 0),
   else 0.5 s × 2^n capped at 8 s plus up to 0.5 s of jitter. A retry whose wait would pass the
-  call's deadline is not made: the call fails with the provider's last answer. Each retry is sent
-  with x-stainless-retry-count (as the SDK numbers them, so the simulator links it to the attempt
-  it repeats) and counted in roundtable_llm_retries_total.
+  call's deadline is not made: the call fails with the provider's last answer. Each retry carries
+  x-stainless-retry-count (numbered as the SDK does, so the simulator links it to the attempt it
+  repeats) and is counted in roundtable_llm_retries_total; a 429 pauses the backend's LLM budget
+  (every replica) for that wait, 1 s when the provider named none.
 - No retry on any other 4xx: LLMCallFailed naming the backend and the provider's error message.
 - The whole-call time: each attempt's aiohttp `total` timeout is what is left of the call's
   deadline. aiohttp's timer cancels only a read in progress, so it never fires into the caller's
-  code between chunks, and one timer a call bounds a silent server as well as a slow one.
-- One keep-alive pool per endpoint (EndpointPools) with as many sockets as the outbound cap lets through,
-  so sockets are bounded by calls in flight and reused across calls.
+  code between chunks, and one timer a call bounds a silent server as well as a slow one (a
+  per-read timeout as long as the call, as the SDK's, could never fire first).
+- One keep-alive pool per endpoint (EndpointPools) with as many sockets as the outbound cap lets
+  through, so sockets are bounded by calls in flight and reused across calls.
+- The budget: each attempt reserves its estimate first and settles to the real usage (0 when it
+  failed or was cancelled).
 
 How a stream may end:
 - `[DONE]`: the answer is complete.
@@ -413,17 +417,17 @@ class StreamingChatClient:
             message = _error_message(orjson.loads(raw))
         except orjson.JSONDecodeError:
             message = raw.decode(errors="replace")[:MAX_ERROR_MESSAGE_CHARS] or (response.reason or "no message")
-        failure = LLMCallFailed(f"LLM backend {self.backend.name} answered HTTP {status}: {message}", True)
+        reason = f"LLM backend {self.backend.name} answered HTTP {status}: {message}"
         if status == 429:
             metrics.LLM_RATE_LIMITED.inc()
             told = retry_after_seconds(response.headers, rate_limited=True)
             # Every replica pauses, not only this call's retry.
             await self._budget.cool_down(self._budget_key, told if told is not None else DEFAULT_RATE_LIMIT_SECONDS)
-            raise _AttemptFailed(failure, told)
+            raise _AttemptFailed(LLMCallFailed(reason, True), told)
         if status in RETRYABLE_STATUSES or status >= 500:
-            raise _AttemptFailed(failure, retry_after_seconds(response.headers, rate_limited=False))
-        failure.retryable = False
-        raise failure
+            raise _AttemptFailed(LLMCallFailed(reason, True), retry_after_seconds(response.headers, rate_limited=False))
+        # 400, 401, 403, 404, 422…: the same request would be refused again.
+        raise LLMCallFailed(reason, False)
 
     def _wait(self, state: RetryCallState) -> float:
         """What the provider said to wait, else the jittered exponential backoff."""
