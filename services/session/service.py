@@ -29,7 +29,8 @@ from services.session.servicer import SessionServicer
 from services.session.settings import SessionSettings
 from services.session.sqlite_store import SqliteStore
 from services.session.store import UNFINISHED_STATUSES, Store
-from services.shared.client import client_interceptors
+from services.shared.client import client_interceptors, dependency_health_check
+from services.shared.health import HealthCheck, ping_check
 from services.shared.reporter import InstanceLoad
 from services.shared.tls import create_channel
 
@@ -229,6 +230,15 @@ class SessionService:
         if self._channel is not None:
             await self._channel.close()
         await self.store.close()
+
+    def health_checks(self) -> dict[str, HealthCheck]:
+        """The agent service and, with the Redis store, Redis: while either fails, this replica is NOT_SERVING."""
+        if self._channel is None:
+            raise RuntimeError("start() must run before health_checks()")
+        checks = {"agents": dependency_health_check(self._channel, "roundtable.agents.v1.AgentService")}
+        if self.redis is not None:
+            checks["redis"] = ping_check(self.redis)
+        return checks
 
     def load(self) -> InstanceLoad:
         """Running and queued discussions and capacity, for monitor reports."""

@@ -179,3 +179,62 @@ async def test_redis_down_turns_the_host_not_serving_and_back(
         await until(host, all_serving())
     finally:
         await client.aclose()
+
+
+async def session_statuses(host: ServiceHost) -> tuple[int, int]:
+    async with grpc.aio.insecure_channel(host.address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        return tuple(  # type: ignore[return-value]
+            [
+                (await stub.Check(health_pb2.HealthCheckRequest(service=name), timeout=5)).status
+                for name in ("", "roundtable.session.v1.SessionService")
+            ]
+        )
+
+
+async def session_until(host: ServiceHost, status: int, within_seconds: float = 15) -> None:
+    deadline = time.monotonic() + within_seconds
+    while (seen := await session_statuses(host)) != (status, status):
+        assert time.monotonic() < deadline, f"the session service stayed {seen}"
+        await asyncio.sleep(0.05)
+
+
+async def test_the_session_service_is_not_serving_while_its_agents_or_its_redis_are_down(
+    own_redis: RedisServer,
+) -> None:
+    from services.agents.service import AgentsService
+    from services.agents.settings import AgentsSettings
+    from services.session.service import SessionService
+    from services.session.settings import SessionSettings
+
+    agents_config = AgentsSettings(port=0, metrics_port=-1)
+    agents = ServiceHost(agents_config, AgentsService(agents_config))
+    await agents.start()
+    session_config = SessionSettings(
+        port=0,
+        metrics_port=-1,
+        store="redis",
+        redis_url=own_redis.url,
+        agents_address=agents.address,
+        **FAST,
+    )
+    session = ServiceHost(session_config, SessionService(session_config))
+    await session.start()
+    try:
+        await session_until(session, SERVING)
+
+        own_redis.stop()
+        await session_until(session, NOT_SERVING)
+        own_redis.start()
+        await session_until(session, SERVING)
+
+        agents_port = agents.port
+        await agents.stop(grace_seconds=0)
+        await session_until(session, NOT_SERVING)
+        agents_config = agents_config.model_copy(update={"port": agents_port})
+        agents = ServiceHost(agents_config, AgentsService(agents_config))
+        await agents.start()
+        await session_until(session, SERVING)
+    finally:
+        await session.stop(grace_seconds=0)
+        await agents.stop(grace_seconds=0)
