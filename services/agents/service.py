@@ -58,15 +58,20 @@ class AgentsService:
             )
             for b in self.personas.backends.values()
         ]
-        self.llm = llm or LLMRouter(
-            default=default,
-            extra=extra,
-            temperature=settings.llm_temperature,
-            max_tokens=settings.llm_max_tokens,
-            max_retries=settings.llm_max_retries,
-            max_concurrent_calls=settings.max_concurrent_llm_calls,
-            budget=_budget([default, *extra], settings),
-        )
+        # The LLM budget this service made (and closes); none when an LLM client is handed in.
+        self.llm_budget: LLMBudget | None = None
+        if llm is None:
+            self.llm_budget = _budget([default, *extra], settings)
+            llm = LLMRouter(
+                default=default,
+                extra=extra,
+                temperature=settings.llm_temperature,
+                max_tokens=settings.llm_max_tokens,
+                max_retries=settings.llm_max_retries,
+                max_concurrent_calls=settings.max_concurrent_llm_calls,
+                budget=self.llm_budget,
+            )
+        self.llm = llm
         self.servicer = AgentServicer(
             personas=self.personas,
             registry=self.registry,
@@ -104,7 +109,8 @@ class AgentsService:
         """Drop every agent set, close the LLM connection pools and release the LLM budget."""
         self.registry.release_all()
         await self.llm.close()
-        await self.llm.budget.close()
+        if self.llm_budget is not None:
+            await self.llm_budget.close()
 
     def load(self) -> InstanceLoad:
         """Live agent sets, for monitor reports."""
