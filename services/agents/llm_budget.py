@@ -246,6 +246,14 @@ class _BackendQueue:
         self.cooldowns = metrics.LLM_BUDGET_COOLDOWNS.labels(backend=name)
 
     def add(self, waiter: _Waiter) -> None:
+        if waiter.principal not in self.by_principal:
+            # Shows which principals the fair order sees (a principal lost on the way would all read as "").
+            logger.debug(
+                "LLM budget of %s: principal %r starts waiting (%d others waiting)",
+                self.name,
+                waiter.principal,
+                len(self.by_principal),
+            )
         self.by_principal.setdefault(waiter.principal, deque()).append(waiter)
         self.waiting_calls.inc()
 
@@ -329,7 +337,9 @@ class FleetBudget:
     """Per-backend request and token buckets in a store, with a fair queue across principals on this replica.
 
     Only the head of a backend's fair order asks the store, by one task per backend with waiters (its
-    "pump"): one store round trip per granted call plus one per wake-up, however many calls wait.
+    "pump"): one store round trip per granted call plus one per wake-up, however many calls wait. The
+    order is fair on this replica; across replicas the Redis store serves the head that has waited
+    longest (its claims), so a head that needs many tokens is not starved by another replica's small calls.
     """
 
     def __init__(

@@ -8,6 +8,12 @@ keys), so on a Redis Cluster a backend's keys share one slot; PEXPIRE drops a ke
 would be full again and no cooldown runs, so idle backends leave nothing behind.
 
     {P:llm-budget:<hash>}:buckets  HASH  requests, tokens (levels), at (ms, Redis clock), cool (ms)
+    {P:llm-budget:<hash>}:claims   HASH  replica -> "sequence tokens until-ms" (the heads waiting; see TAKE),
+                                         ~sequence (the order they came in)
+
+The fair queue in front (services/agents/llm_budget.py) is per replica; across replicas the store
+itself serves the head that waited first (TAKE's claims), so a replica whose head needs many tokens is
+not starved by another replica's stream of small calls that take each bit of the refill.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
+import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from typing import TypeVar
 
@@ -26,6 +33,7 @@ from redis.retry import Retry
 
 from services.agents import metrics
 from services.agents.llm_budget import (
+    MAX_SLEEP_SECONDS,
     TRANSIT_ALLOWANCE_SECONDS,
     BucketReading,
     BudgetLimits,
@@ -39,6 +47,8 @@ logger = logging.getLogger(__name__)
 DEFAULT_TIMEOUT_SECONDS = 0.5
 # After a failure the replica budgets alone for this long before it asks Redis again.
 RETRY_REDIS_AFTER_SECONDS = 3.0
+# A claim outlives twice the claimant's longest sleep by this much: room for a round trip and a busy event loop.
+CLAIM_MARGIN_SECONDS = 1.0
 
 _Result = TypeVar("_Result")
 
@@ -72,15 +82,54 @@ local function save()
 end
 """
 
-# ARGV[3] tokens wanted, ARGV[4] the transit allowance (ms) a take from full buckets delays the refill by.
+# KEYS[2] the claims (below). ARGV[3] tokens wanted, ARGV[4] the transit allowance (ms) a take from full
+# buckets delays the refill by, ARGV[5] the replica asking (its claim's owner), ARGV[6] the longest it sleeps
+# before asking again (ms), ARGV[7] the margin (ms) a claim outlives two such sleeps by.
 # Returns {granted, wait_ms, requests left, tokens left}.
+#
+# Claims: a replica whose queue head is refused records what it waits for (owner -> "sequence tokens
+# until"), in the order the replicas were first refused. A take is granted only if the buckets after it
+# still cover the oldest live claim of another replica made before the taker's own (one request and its
+# tokens), so the refill collects for the head that has waited longest instead of going to whichever
+# replica asks for less; the claimant's grant clears its claim, and if it is refused again its new claim
+# queues behind the others. A live claimant asks again within ARGV[6] and each refusal renews its claim,
+# so a replica that died holds the fleet back for at most twice that plus the margin.
 TAKE = (
     PRELUDE
     + """
+local claims_key = KEYS[2]
 local wanted = tonumber(ARGV[3])
+local owner = ARGV[5]
+local mine, oldest = nil, nil
+local latest_until = 0
+local entries = redis.call('HGETALL', claims_key)
+for i = 1, #entries, 2 do
+  local who = entries[i]
+  if who ~= '~sequence' then
+    local sequence, claim_tokens, until_ms = string.match(entries[i + 1], '^(%S+) (%S+) (%S+)$')
+    sequence, claim_tokens, until_ms = tonumber(sequence), tonumber(claim_tokens), tonumber(until_ms)
+    if until_ms <= now then
+      redis.call('HDEL', claims_key, who)
+    else
+      latest_until = math.max(latest_until, until_ms)
+      if who == owner then
+        mine = {sequence, claim_tokens}
+      elseif oldest == nil or sequence < oldest[1] then
+        oldest = {sequence, claim_tokens}
+      end
+    end
+  end
+end
+-- Only another replica's claim older than ours holds us back.
+if oldest and mine and mine[1] < oldest[1] then oldest = nil end
+local need_requests, need_tokens = 1, wanted
+if oldest then
+  need_requests = 2
+  need_tokens = wanted + oldest[2]
+end
 local wait = 0
-if rpm > 0 and requests < 1 then wait = (1 - requests) * 60000 / rpm end
-if tpm > 0 and tokens < wanted then wait = math.max(wait, (wanted - tokens) * 60000 / tpm) end
+if rpm > 0 and requests < need_requests then wait = (need_requests - requests) * 60000 / rpm end
+if tpm > 0 and tokens < need_tokens then wait = math.max(wait, (need_tokens - tokens) * 60000 / tpm) end
 -- The refill starts after a running transit allowance.
 if wait > 0 then wait = wait + math.max(0, at - now) end
 wait = math.max(wait, cool - now)
@@ -90,7 +139,15 @@ if wait <= 0 then
   if requests >= rpm and tokens >= tpm then at = now + tonumber(ARGV[4]) end
   if rpm > 0 then requests = requests - 1 end
   if tpm > 0 then tokens = tokens - wanted end
+  if mine then redis.call('HDEL', claims_key, owner) end
+else
+  local sequence = mine and mine[1] or redis.call('HINCRBY', claims_key, '~sequence', 1)
+  local until_ms = now + 2 * math.min(wait, tonumber(ARGV[6])) + tonumber(ARGV[7])
+  redis.call('HSET', claims_key, owner, sequence .. ' ' .. wanted .. ' ' .. string.format('%.0f', until_ms))
+  latest_until = math.max(latest_until, until_ms)
 end
+-- The claims key lives as long as its latest claim (the sequence restarting after is harmless).
+if latest_until > now then redis.call('PEXPIRE', claims_key, math.ceil(latest_until - now) + 1000) end
 save()
 local wait_ms = 0
 if granted == 0 then wait_ms = math.max(1, math.ceil(wait)) end
@@ -141,12 +198,21 @@ def bucket_key(prefix: str, backend: str) -> str:
     return f"{{{prefix}:llm-budget:{digest}}}:buckets"
 
 
+def claims_key(prefix: str, backend: str) -> str:
+    """The HASH holding the claims of `backend`'s waiting replica heads, in the buckets' hash slot."""
+    return bucket_key(prefix, backend).removesuffix(":buckets") + ":claims"
+
+
 class RedisBuckets:
-    """A backend's buckets in Redis: one atomic script per take, give-back and cooldown."""
+    """A backend's buckets in Redis: one atomic script per take, give-back and cooldown.
+
+    Each instance is one replica in the fleet's eyes: the owner of the claims its refused takes record.
+    """
 
     def __init__(self, client: redis.Redis, *, prefix: str = "roundtable") -> None:
         self._client = client
         self._prefix = prefix
+        self._owner = uuid.uuid4().hex
         self._take = client.register_script(TAKE)
         self._give_back = client.register_script(GIVE_BACK)
         self._cool_down = client.register_script(COOL_DOWN)
@@ -155,14 +221,17 @@ class RedisBuckets:
         return [bucket_key(self._prefix, backend)]
 
     async def take(self, backend: str, limits: BudgetLimits, tokens: int) -> BucketReading:
-        """Take one request and `tokens` if both buckets cover them and no cooldown runs (Redis' clock)."""
+        """Take one request and `tokens` if the buckets cover them and another replica's claim, and no cooldown runs."""
         granted, wait_ms, requests, tokens_left = await self._take(
-            keys=self._key(backend),
+            keys=[bucket_key(self._prefix, backend), claims_key(self._prefix, backend)],
             args=[
                 limits.requests_per_minute,
                 limits.tokens_per_minute,
                 tokens,
                 round(TRANSIT_ALLOWANCE_SECONDS * 1000),
+                self._owner,
+                round(MAX_SLEEP_SECONDS * 1000),
+                round(CLAIM_MARGIN_SECONDS * 1000),
             ],
         )
         return BucketReading(bool(granted), int(wait_ms) / 1000, float(requests), float(tokens_left))

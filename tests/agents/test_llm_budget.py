@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Protocol
@@ -23,7 +24,7 @@ from services.agents.llm_budget import (
     UnlimitedBudget,
     build_budget,
 )
-from services.agents.llm_budget_redis import bucket_key, connect
+from services.agents.llm_budget_redis import bucket_key, claims_key, connect
 from tests.redis_server import redis_server, redis_url  # noqa: F401  (fixtures the redis case uses)
 
 BACKEND = "https://llm.example/v1#0123456789ab"
@@ -327,6 +328,100 @@ async def test_redis_keys_are_hash_tagged_per_backend_and_expire(redis_url: str)
     finally:
         await budget.close()
         await client.aclose()
+
+
+# 200 tokens a second: a 400-token head needs 2 s of refill, a 150-token call 0.75 s.
+STREAM_TPM = 12_000
+SMALL_TOKENS = 150
+
+
+async def stream_of_small_calls(budget: LLMBudget, count: int) -> tuple[list[asyncio.Task[Reservation]], list[float]]:
+    """`count` small calls from eight principals queued on `budget`, and the times (monotonic) of their grants."""
+    granted_at: list[float] = []
+
+    async def call(number: int) -> Reservation:
+        reservation = await reserve(budget, tokens=SMALL_TOKENS, principal=f"p{number % 8}")
+        granted_at.append(time.monotonic())
+        return reservation
+
+    return [asyncio.create_task(call(number)) for number in range(count)], granted_at
+
+
+async def test_a_large_call_on_one_replica_is_not_starved_by_small_calls_on_another(redis_url: str) -> None:  # noqa: F811
+    # Replica B's thirty small calls would keep taking every 150 tokens the refill brings for 22 s; replica A's
+    # single 400-token call must be served once the refill has brought 400 (plus one small grant), not then.
+    replica_a = build_budget(limits(tokens_per_minute=STREAM_TPM), redis_url=redis_url)
+    replica_b = build_budget(limits(tokens_per_minute=STREAM_TPM), redis_url=redis_url)
+    await reserve(replica_b, tokens=10**9)  # empties the bucket
+    small_calls, small_granted_at = await stream_of_small_calls(replica_b, 30)
+    try:
+        await asyncio.sleep(1.0)  # B's stream is under way
+        asked = time.monotonic()
+        await reserve(replica_a, tokens=400, principal="light", within=6)
+        waited = time.monotonic() - asked
+        # 2 s of refill for the 400 tokens, 0.75 s for the small grant that may have just taken what was there.
+        assert waited < 2.75 + 1.5, waited
+        # And B is not starved in turn: its stream goes on at the refill's pace once A has been served.
+        served = time.monotonic()
+        await eventually(lambda: sum(at > served for at in small_granted_at) >= 3, within_seconds=2.25 + 2)
+    finally:
+        await replica_a.close()
+        await replica_b.close()
+        await asyncio.gather(*small_calls, return_exceptions=True)
+
+
+async def test_a_replica_that_dies_waiting_does_not_block_the_fleet_for_long(redis_url: str) -> None:  # noqa: F811
+    # A's 2,000-token head needs 10 s of refill; while it waits, B's small calls hold back for it. A dies
+    # (its budget closes without taking): within a few seconds B is served again, not after those 10 s.
+    replica_a = build_budget(limits(tokens_per_minute=STREAM_TPM), redis_url=redis_url)
+    replica_b = build_budget(limits(tokens_per_minute=STREAM_TPM), redis_url=redis_url)
+    await reserve(replica_b, tokens=10**9)  # empties the bucket
+    large = asyncio.create_task(reserve(replica_a, tokens=2000, principal="light"))
+    await asyncio.sleep(0.5)  # A's head has asked and waits
+    small_calls, small_granted_at = await stream_of_small_calls(replica_b, 10)
+    try:
+        await asyncio.sleep(2.0)
+        assert small_granted_at == [], "while A waits for room, B's calls leave it to A"
+        await replica_a.close()
+        died = time.monotonic()
+        await eventually(lambda: len(small_granted_at) >= 1, within_seconds=6)
+        # A's claim lapses within twice the longest wait it was told (1 s) plus a second; a live claim would
+        # have held B back until the bucket held 2,150 tokens, 10.75 s after it was emptied.
+        assert small_granted_at[0] - died < 4.0, small_granted_at[0] - died
+    finally:
+        await replica_b.close()
+        await asyncio.gather(large, *small_calls, return_exceptions=True)
+
+
+async def test_the_claims_of_waiting_replicas_share_the_buckets_slot_and_expire(redis_url: str) -> None:  # noqa: F811
+    replica_a = build_budget(limits(tokens_per_minute=STREAM_TPM), redis_url=redis_url)
+    replica_b = build_budget(limits(tokens_per_minute=STREAM_TPM), redis_url=redis_url)
+    client = connect(redis_url)
+    try:
+        await reserve(replica_b, tokens=10**9)
+        with pytest.raises(LLMBudgetExhausted):
+            await reserve(replica_a, tokens=400, within=0.3)
+        key = claims_key("roundtable", BACKEND)
+        assert key.split("}")[0] == bucket_key("roundtable", BACKEND).split("}")[0], "one hash slot on a cluster"
+        assert len(await client.hgetall(key)) == 2, "A's claim and the sequence"
+        # Twice the longest sleep (1 s) plus the 1 s margin, plus the key's second of slack.
+        assert 0 < await client.pttl(key) <= 4_100
+        # A gave up: its claim lapses, and B (asking for as much) is served by the refill alone.
+        await reserve(replica_b, tokens=400, within=2.0 + TRANSIT_ALLOWANCE_SECONDS + 1.5)
+    finally:
+        await replica_a.close()
+        await replica_b.close()
+        await client.aclose()
+
+
+async def test_a_principal_starting_to_wait_is_logged_at_debug(caplog: pytest.LogCaptureFixture) -> None:
+    budget = build_budget(limits(requests_per_minute=1))
+    await reserve(budget)
+    with caplog.at_level(logging.DEBUG, logger="services.agents.llm_budget"):
+        with pytest.raises(LLMBudgetExhausted):
+            await reserve(budget, principal="light", within=0.1)
+    await budget.close()
+    assert any("'light' starts waiting" in record.getMessage() for record in caplog.records), caplog.text
 
 
 class CountingBuckets(MemoryBuckets):
