@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import logging
 import time
@@ -12,7 +13,14 @@ from dataclasses import dataclass
 
 from services.agents import metrics, prompts
 from services.agents.agent_set import Agent, AgentSet
-from services.agents.llm import ChatMessage, LLMCallFailed, LLMCallTimeout, LLMClient
+from services.agents.llm import (
+    CallOptions,
+    ChatMessage,
+    LLMCallFailed,
+    LLMCallTimeout,
+    LLMClient,
+    estimated_usage,
+)
 from services.gen.roundtable.agents.v1 import agents_pb2
 from services.gen.roundtable.common.v1 import discussion_pb2
 from services.shared.logs import session_context
@@ -21,15 +29,20 @@ logger = logging.getLogger(__name__)
 
 # Calls end this long before the caller's deadline, so their failure still reaches the caller.
 DEADLINE_MARGIN_SECONDS = 0.5
+# Under a token budget a call is made only if, after its prompt, the budget still holds an answer this
+# long (or the whole answer its persona asks for, if that is shorter): fewer tokens make no answer.
+MIN_ANSWER_TOKENS = 16
 
 
 @dataclass(frozen=True)
 class StreamingLimits:
-    """How agent text is coalesced into delta events, and how long one LLM call may take."""
+    """How agent text is coalesced into delta events, and how long and how long-winded one LLM call may be."""
 
     flush_chars: int
     flush_interval_seconds: float
     llm_timeout_seconds: float
+    # An answer's most tokens when its persona names none (--llm-max-tokens): what a call reserves from a budget.
+    max_tokens: int
 
 
 class DiscussionRun:
@@ -61,7 +74,9 @@ class DiscussionRun:
         self._token_budget = token_budget
         # Whose discussion it is: the LLM budget serves waiting calls fairly across principals.
         self._principal = principal
+        # Tokens the finished calls used; with the reservations of the calls in flight, never above the budget.
         self.tokens_spent = 0
+        self._tokens_reserved = 0
         agents = [agent_set.agents[name] for name in persona_names]
         self._debaters = [a for a in agents if not a.persona.moderator]
         self._debater_names = {a.persona.name for a in self._debaters}
@@ -186,21 +201,59 @@ class DiscussionRun:
     async def _answer(self, agent: Agent, round_number: int, user_prompt: str, summary: bool) -> str | None:
         """Emit started, deltas and completed (or failed) for one answer; None on failure."""
         name = agent.persona.name
-        if self._token_budget and self.tokens_spent >= self._token_budget:
-            # No call at all: the budget is a promise about what the provider bills.
-            reason = f"token budget of {self._token_budget} spent ({self.tokens_spent} tokens used)"
-            logger.warning("round %d: %s not run: %s", round_number, name, reason)
-            self._emit(agent_failed=discussion_pb2.AgentFailed(agent=name, round=round_number, reason=reason))
-            return None
+        if not agent.memory:
+            agent.memory.append(ChatMessage("system", prompts.system_prompt(agent.persona)))
+        messages = [*agent.memory, ChatMessage("user", user_prompt)]
+        options = agent.persona.call_options
+        reserved_tokens = 0
+        if self._token_budget:
+            grant = self._reserve(messages, options)
+            if isinstance(grant, str):
+                # No call at all: the budget is a promise about what the provider bills.
+                logger.warning("round %d: %s not run: %s", round_number, name, grant)
+                self._emit(agent_failed=discussion_pb2.AgentFailed(agent=name, round=round_number, reason=grant))
+                return None
+            reserved_tokens, answer_tokens = grant
+            options = dataclasses.replace(options, max_tokens=answer_tokens)
+        try:
+            return await self._call(agent, round_number, messages, user_prompt, options, summary)
+        finally:
+            # Settled however the call ended: what it used is in tokens_spent now, the rest is free again.
+            self._tokens_reserved -= reserved_tokens
+
+    def _reserve(self, messages: list[ChatMessage], options: CallOptions) -> tuple[int, int] | str:
+        """Reserve the call's prompt estimate and answer: (tokens reserved, the answer's max_tokens), or why not."""
+        prompt_tokens = estimated_usage(messages, 0).prompt_tokens
+        left_tokens = self._token_budget - self.tokens_spent - self._tokens_reserved
+        wanted_tokens = options.max_tokens or self._limits.max_tokens
+        answer_tokens = min(wanted_tokens, left_tokens - prompt_tokens)
+        minimal_tokens = min(wanted_tokens, MIN_ANSWER_TOKENS)
+        if answer_tokens < minimal_tokens:
+            return (
+                f"token budget of {self._token_budget} spent: {max(left_tokens, 0)} tokens left "
+                f"({self.tokens_spent} used), too few for the prompt (~{prompt_tokens}) and a minimal answer "
+                f"({minimal_tokens})"
+            )
+        self._tokens_reserved += prompt_tokens + answer_tokens
+        return prompt_tokens + answer_tokens, answer_tokens
+
+    async def _call(
+        self,
+        agent: Agent,
+        round_number: int,
+        messages: list[ChatMessage],
+        user_prompt: str,
+        options: CallOptions,
+        summary: bool,
+    ) -> str | None:
+        """Make the LLM call: emit started, deltas and completed (or failed); None on failure."""
+        name = agent.persona.name
         self._emit(
             agent_started=discussion_pb2.AgentStarted(
                 agent=name, round=round_number, agent_instance_id=agent.instance_id
             )
         )
         logger.info("round %d: %s is analysing the topic", round_number, name)
-        if not agent.memory:
-            agent.memory.append(ChatMessage("system", prompts.system_prompt(agent.persona)))
-        messages = [*agent.memory, ChatMessage("user", user_prompt)]
         parts: list[str] = []
         pending: list[str] = []
         pending_chars = 0
@@ -211,7 +264,7 @@ class DiscussionRun:
                 messages,
                 timeout_seconds=self._limits.llm_timeout_seconds,
                 deadline=None if self._deadline is None else self._deadline - DEADLINE_MARGIN_SECONDS,
-                options=agent.persona.call_options,
+                options=options,
                 principal=self._principal,
             ):
                 if chunk.usage is not None:
@@ -226,6 +279,9 @@ class DiscussionRun:
                     self._emit_delta(name, round_number, pending)
                     pending, pending_chars, last_flush = [], 0, now
         except (LLMCallFailed, LLMCallTimeout) as error:
+            if parts:
+                # A provider bills an answer cut short: the prompt and the pieces that arrived.
+                self.tokens_spent += estimated_usage(messages, len(parts)).total_tokens
             # The LLM port's own errors: their message names the backend and what went wrong.
             reason = str(error)
             logger.warning("round %d: %s failed: %s", round_number, name, reason)

@@ -80,6 +80,7 @@ class AgentsService:
                 flush_chars=settings.delta_flush_chars,
                 flush_interval_seconds=settings.delta_flush_interval_ms / 1000,
                 llm_timeout_seconds=settings.llm_timeout_seconds,
+                max_tokens=settings.llm_max_tokens,
             ),
             release_grace_seconds=settings.release_grace_seconds,
             describe=self.llm.describe,

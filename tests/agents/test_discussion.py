@@ -10,9 +10,10 @@ from typing import Any
 
 import pytest
 
+from services.agents import prompts
 from services.agents.agent_set import AgentSet, AgentSetRegistry
-from services.agents.discussion import DiscussionRun, StreamingLimits
-from services.agents.llm import DEFAULT_OPTIONS, CallOptions, ChatChunk, ChatMessage, LLMCallFailed
+from services.agents.discussion import MIN_ANSWER_TOKENS, DiscussionRun, StreamingLimits
+from services.agents.llm import DEFAULT_OPTIONS, CallOptions, ChatChunk, ChatMessage, LLMCallFailed, estimated_usage
 from services.agents.personas import PersonaRegistry
 from services.gen.roundtable.agents.v1 import agents_pb2
 from services.gen.roundtable.common.v1 import discussion_pb2
@@ -21,8 +22,8 @@ TOPIC = "Should cities ban cars from their centres?"
 MODERATOR = "主持人"
 DEBATERS = ["科学家", "哲学家", "经济学家", "工程师"]
 USAGE = discussion_pb2.TokenUsage(prompt_tokens=11, completion_tokens=7, total_tokens=18)
-EVERY_CHUNK = StreamingLimits(flush_chars=1, flush_interval_seconds=3600, llm_timeout_seconds=30)
-COALESCED = StreamingLimits(flush_chars=10_000, flush_interval_seconds=3600, llm_timeout_seconds=30)
+EVERY_CHUNK = StreamingLimits(flush_chars=1, flush_interval_seconds=3600, llm_timeout_seconds=30, max_tokens=64)
+COALESCED = StreamingLimits(flush_chars=10_000, flush_interval_seconds=3600, llm_timeout_seconds=30, max_tokens=64)
 
 
 def answer(persona: str, call_number: int) -> str:
@@ -51,6 +52,8 @@ class FakeLLM:
     cancelled: list[str] = field(default_factory=list)
     all_hanging: asyncio.Event = field(default_factory=asyncio.Event)
     expected_hanging: int = len(DEBATERS)
+    # Bill as the simulator does (prompt estimate + pieces, the answer cut to max_tokens), not USAGE.
+    bills_prompt: bool = False
 
     async def stream_chat(
         self,
@@ -78,10 +81,12 @@ class FakeLLM:
                     self.all_hanging.set()
                 await asyncio.Event().wait()
             words = answer(persona, call_number).split(" ")
+            if self.bills_prompt and options.max_tokens is not None:
+                words = words[: options.max_tokens]
             for index, word in enumerate(words):
                 yield ChatChunk(text=word if index == 0 else f" {word}")
                 await asyncio.sleep(0)
-            yield ChatChunk(usage=USAGE)
+            yield ChatChunk(usage=estimated_usage(messages, len(words)) if self.bills_prompt else USAGE)
         except asyncio.CancelledError:
             self.cancelled.append(persona)
             raise
@@ -376,53 +381,84 @@ async def test_resuming_after_the_last_round_only_writes_the_summary() -> None:
     assert of_kind(events, "summary_completed")
 
 
-async def test_a_token_budget_lets_a_round_finish_then_refuses_every_further_call() -> None:
-    llm = FakeLLM()
+def round_one_prompt_tokens(persona: str) -> int:
+    """The prompt estimate of a debater's round-1 call (system prompt + opening prompt)."""
+    system = prompts.system_prompt(PersonaRegistry.load().personas[persona])
+    return estimated_usage(
+        [ChatMessage("system", system), ChatMessage("user", prompts.opening_prompt(TOPIC))], 0
+    ).prompt_tokens
+
+
+def budget_run(llm: FakeLLM, *, rounds: int, token_budget: int, limits: StreamingLimits = EVERY_CHUNK) -> DiscussionRun:
     agent_set = make_agent_set()
-    run = DiscussionRun(
+    return DiscussionRun(
         agent_set=agent_set,
         topic=TOPIC,
         persona_names=list(agent_set.agents),
-        rounds=3,
+        rounds=rounds,
         llm=llm,
-        limits=EVERY_CHUNK,
+        limits=limits,
         deadline=None,
-        token_budget=100,
+        token_budget=token_budget,
     )
+
+
+def reported_tokens(events: list[agents_pb2.AgentEvent]) -> int:
+    """The usage the discussion reports: every completed answer and the summary."""
+    answers = of_kind(events, "agent_completed") + of_kind(events, "summary_completed")
+    return sum(a.usage.total_tokens for a in answers)
+
+
+async def test_calls_made_at_once_reserve_from_the_budget_and_the_last_ones_are_clamped_or_not_made() -> None:
+    llm = FakeLLM(bills_prompt=True)
+    first, second, third, fourth = DEBATERS
+    # Two whole answers (64 tokens each), then room for a 20-token answer, then none.
+    budget = sum(round_one_prompt_tokens(p) + 64 for p in (first, second)) + round_one_prompt_tokens(third) + 20
+    run = budget_run(llm, rounds=3, token_budget=budget)
 
     events = await run_to_end(run)
 
-    # Round 1 spends 4 × 18 = 72 (< 100), so round 2 runs whole; 144 then leaves nothing for round 3.
-    assert len(llm.calls) == 2 * len(DEBATERS)
-    assert run.tokens_spent == 144
-    failed = of_kind(events, "agent_failed")
-    assert sorted((f.agent, f.round) for f in failed) == sorted((p, 3) for p in DEBATERS)
-    assert {f.reason for f in failed} == {"token budget of 100 spent (144 tokens used)"}
-    assert [s.round for s in of_kind(events, "agent_started")] == [1] * 4 + [2] * 4
-    assert of_kind(events, "summary_completed") == []
+    round_one = llm.calls[:3]
+    assert [(c.persona, c.options.max_tokens) for c in round_one] == [(first, 64), (second, 64), (third, 20)]
+    assert of_kind(events, "agent_failed")[0] == discussion_pb2.AgentFailed(
+        agent=fourth,
+        round=1,
+        reason=f"token budget of {budget} spent: 0 tokens left (0 used), too few for the prompt "
+        f"(~{round_one_prompt_tokens(fourth)}) and a minimal answer ({MIN_ANSWER_TOKENS})",
+    )
+    assert run.tokens_spent == reported_tokens(events) <= budget
+    assert all(c.options.max_tokens is not None and c.options.max_tokens >= MIN_ANSWER_TOKENS for c in llm.calls)
+
+
+async def test_what_a_call_does_not_use_returns_to_the_budget() -> None:
+    llm = FakeLLM(bills_prompt=True)
+    # Round 1 reserves all of it; its answers (4 words) leave 4 × 60 tokens unused for round 2.
+    budget = sum(round_one_prompt_tokens(p) + 64 for p in DEBATERS)
+    run = budget_run(llm, rounds=2, token_budget=budget)
+
+    events = await run_to_end(run)
+
+    assert [c.options.max_tokens for c in llm.calls[:4]] == [64] * 4
+    assert [s.round for s in of_kind(events, "agent_started")].count(2) >= 1
+    assert run.tokens_spent == reported_tokens(events) <= budget
 
 
 async def test_a_budget_spent_by_the_rounds_leaves_the_summary_unwritten_with_the_reason() -> None:
-    llm = FakeLLM()
-    agent_set = make_agent_set()
-    run = DiscussionRun(
-        agent_set=agent_set,
-        topic=TOPIC,
-        persona_names=list(agent_set.agents),
-        rounds=1,
-        llm=llm,
-        limits=EVERY_CHUNK,
-        deadline=None,
-        token_budget=72,
-    )
+    llm = FakeLLM(bills_prompt=True)
+    # Answers of 4 tokens at most: round 1 spends exactly what it reserves, and leaves 10 tokens.
+    short = dataclasses.replace(EVERY_CHUNK, max_tokens=4)
+    spent = sum(round_one_prompt_tokens(p) + 4 for p in DEBATERS)
+    run = budget_run(llm, rounds=1, token_budget=spent + 10, limits=short)
 
     events = await run_to_end(run)
 
     assert llm.calls_of(MODERATOR) == []
-    assert [(f.agent, f.round, f.reason) for f in of_kind(events, "agent_failed")] == [
-        (MODERATOR, 2, "token budget of 72 spent (72 tokens used)")
-    ]
+    ((agent, round_number, reason),) = [(f.agent, f.round, f.reason) for f in of_kind(events, "agent_failed")]
+    assert (agent, round_number) == (MODERATOR, 2)
+    assert reason.startswith(f"token budget of {spent + 10} spent: 10 tokens left ({spent} used), too few for")
+    assert reason.endswith("and a minimal answer (4)")
     assert len(of_kind(events, "agent_completed")) == len(DEBATERS)
+    assert run.tokens_spent == reported_tokens(events) == spent
 
 
 async def test_each_call_carries_its_personas_model_choices() -> None:
