@@ -14,6 +14,7 @@ from collections.abc import Awaitable, Callable, Iterator
 import pytest
 
 from services.gen.roundtable.session.v1 import session_pb2
+from services.session.auth import ANONYMOUS
 from services.shared.logs import FILE_FORMAT, TEXT_FORMAT, SessionContextFilter, flush, session_context
 from services.shared.session_logs import TRUNCATED, SessionLogFiles, install
 from tests.suite import Suite, run_to_end
@@ -133,7 +134,9 @@ async def test_fifty_concurrent_sessions_log_only_into_their_own_files_and_go_at
             for i in range(50)
         )
     )
-    ids = [final.discussion_id for final, _ in outcomes]
+    # Below the public API a discussion is known by its store id (ids are scoped to their owner), and
+    # its log file and logger names carry that id: two principals may both call theirs "P".
+    ids = [suite.session_service.store_id(ANONYMOUS, final.discussion_id) for final, _ in outcomes]
     assert flush()
     for session_id in ids:
         lines = files.path(session_id).read_text(encoding="utf-8").splitlines()
