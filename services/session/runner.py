@@ -237,7 +237,7 @@ class DiscussionRunner:
             final: session_pb2.StatusChanged | None
             try:
                 await self._record(live, status_changed=session_pb2.StatusChanged(status=doc.status))
-                await self._drive(live)
+                await self._drive_until_deadline(live)
                 if doc.completed_agents:
                     final = session_pb2.StatusChanged(status=session_pb2.DISCUSSION_STATUS_COMPLETED)
                 else:
@@ -282,6 +282,39 @@ class DiscussionRunner:
         await self._record(live, status_changed=final)
         DISCUSSIONS_FINISHED.labels(session_pb2.DiscussionStatus.Name(final.status)).inc()
         logger.info("discussion ended: %s", session_pb2.DiscussionStatus.Name(final.status))
+
+    async def _drive_until_deadline(self, live: LiveDiscussion) -> None:
+        """Drive the discussion; once its deadline passes it stops TIMED_OUT, its agent call cancelled."""
+        deadline = deadline_of(live.doc)
+        if deadline is None:
+            await self._drive(live)
+            return
+        remaining_seconds = deadline - time.time()
+        if remaining_seconds <= 0:
+            # Promoted or resumed after its deadline: end it as a stop would, without calling the agents.
+            live.stop_status, live.stop_reason = session_pb2.DISCUSSION_STATUS_TIMED_OUT, timed_out_reason(live.doc)
+            raise asyncio.CancelledError
+        timer = asyncio.get_running_loop().call_later(remaining_seconds, self._time_out, live)
+        try:
+            await self._drive(live)
+        finally:
+            timer.cancel()
+
+    def _time_out(self, live: LiveDiscussion) -> None:
+        """Stop a running discussion whose deadline passed, as stop() does: its task ends it TIMED_OUT."""
+        if live.task is None or live.task.done() or live.stop_status != session_pb2.DISCUSSION_STATUS_UNSPECIFIED:
+            return
+        live.stop_status, live.stop_reason = session_pb2.DISCUSSION_STATUS_TIMED_OUT, timed_out_reason(live.doc)
+        logger.warning("discussion %s: %s", live.doc.discussion_id, live.stop_reason)
+        live.task.cancel()
+
+    async def _time_out_queued(self) -> None:
+        """End the queued discussions whose deadline passed while they waited: TIMED_OUT, never run."""
+        now = time.time()
+        for discussion_id, queued in list(self.queued.items()):
+            deadline = deadline_of(queued.doc)
+            if deadline is not None and deadline <= now:
+                await self.stop(discussion_id, session_pb2.DISCUSSION_STATUS_TIMED_OUT, timed_out_reason(queued.doc))
 
     async def _drive(self, live: LiveDiscussion) -> None:
         """Run the rest of the discussion; if the agent replica is lost, re-run its round on another."""
@@ -389,6 +422,7 @@ class DiscussionRunner:
                     logger.warning("admission lease of %s lapsed; giving the discussion up", discussion_id)
                     self._abandon_later(discussion_id)
                 self.start_promoted(await self._admission.reap())
+                await self._time_out_queued()
                 ticks += 1
                 if self._shared_state and ticks % 3 == 0:  # about once a ttl
                     await self._drop_removed_queued()
@@ -416,6 +450,18 @@ def _extend_expiry(doc: session_pb2.Discussion) -> None:
     candidate = doc.updated_at.ToNanoseconds() + doc.ttl.ToNanoseconds()
     if candidate > doc.expires_at.ToNanoseconds():
         doc.expires_at.FromNanoseconds(candidate)
+
+
+def deadline_of(doc: session_pb2.Discussion) -> float | None:
+    """When the discussion must have ended (seconds since the epoch), or None without a timeout."""
+    if not doc.HasField("timeout"):
+        return None
+    return (doc.created_at.ToNanoseconds() + doc.timeout.ToNanoseconds()) / 1e9
+
+
+def timed_out_reason(doc: session_pb2.Discussion) -> str:
+    """The error of a discussion its deadline ended."""
+    return f"timed out: the discussion's timeout of {doc.timeout.ToNanoseconds() / 1e9:g} s (from its creation) passed"
 
 
 def is_terminal(status: Status) -> bool:

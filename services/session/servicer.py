@@ -21,7 +21,7 @@ from services.session.notifier import EventNotifier
 from services.session.personas import PersonaCatalog
 from services.session.rate_limit import RateLimiter
 from services.session.runner import DiscussionRunner, is_terminal, now_timestamp
-from services.session.settings import SessionSettings
+from services.session.settings import MAX_DISCUSSION_TIMEOUT_SECONDS, SessionSettings
 from services.session.store import (
     UNFINISHED_STATUSES,
     DiscussionExists,
@@ -102,6 +102,7 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
         request_id = validation.request_id(request.request_id)
         token_budget = validation.token_budget(request.token_budget)
         ttl_seconds = self._ttl_seconds(request)
+        timeout_seconds = self._timeout_seconds(request)
         personas = await self._personas.resolve(list(request.personas))
         if not self.accepting:
             raise Unavailable("the server is shutting down; retry with the same request_id")
@@ -132,6 +133,9 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
             )
             doc.ttl.FromNanoseconds(int(ttl_seconds * 1e9))
             doc.expires_at.FromNanoseconds(now.ToNanoseconds() + doc.ttl.ToNanoseconds())
+            if timeout_seconds:
+                # Stored with the discussion: the runner (here, after a restart, or on another replica) keeps it.
+                doc.timeout.FromNanoseconds(int(timeout_seconds * 1e9))
             try:
                 stored = await self._store.create(owner, doc)
             except DiscussionExists as taken:
@@ -380,6 +384,17 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
         if ttl <= 0 or ttl > maximum:
             raise InvalidArgument(f"ttl must be above 0 and at most {maximum:.0f} seconds", "ttl")
         return ttl
+
+    def _timeout_seconds(self, request: session_pb2.CreateDiscussionRequest) -> float:
+        """The whole discussion's timeout (0: none): the request's, at most the server's; the server's if unset."""
+        configured = self._settings.discussion_timeout_seconds
+        if not request.HasField("timeout"):
+            return configured
+        maximum = configured or MAX_DISCUSSION_TIMEOUT_SECONDS
+        timeout = request.timeout.ToNanoseconds() / 1e9
+        if timeout <= 0 or timeout > maximum:
+            raise InvalidArgument(f"timeout must be above 0 and at most {maximum:.0f} seconds", "timeout")
+        return timeout
 
 
 def _copy(doc: session_pb2.Discussion) -> session_pb2.Discussion:

@@ -15,6 +15,9 @@ from pydantic_settings import SettingsConfigDict
 from services.shared import limits
 from services.shared.settings import ServiceSettings
 
+# The longest whole-discussion timeout there is: far past any real discussion, far inside a Timestamp's range.
+MAX_DISCUSSION_TIMEOUT_SECONDS = 7 * 86_400.0
+
 # The seed's Config / ProductionConfig, plus what production needs to be safe by default.
 PRODUCTION: dict[str, Any] = {
     "max_concurrent_sessions": 200,
@@ -99,6 +102,15 @@ class SessionSettings(ServiceSettings):
     max_personas: int = Field(12, ge=1, description="Most personas a discussion may name.")
     agents_call_timeout_seconds: float = Field(
         1800.0, gt=0, description="Deadline of one discussion's run on the agent service."
+    )
+    # 0 by default: each run is already bounded by agents_call_timeout_seconds, and how long an answer is
+    # worth waiting for is the client's call (a slow local model may need long); an operator may cap it here.
+    discussion_timeout_seconds: float = Field(
+        0.0,
+        ge=0,
+        le=MAX_DISCUSSION_TIMEOUT_SECONDS,
+        description="Longest a whole discussion may take from its creation, queueing included, before it ends "
+        "TIMED_OUT; also the most a request's timeout may ask. 0: none (requests may ask up to a week).",
     )
     max_concurrent_agent_runs: int = Field(
         1000,

@@ -60,6 +60,7 @@ class CreateDiscussionRequest(_message.Message):
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     TTL_FIELD_NUMBER: _builtins.int
     TOKEN_BUDGET_FIELD_NUMBER: _builtins.int
+    TIMEOUT_FIELD_NUMBER: _builtins.int
     topic: _builtins.str
     """What to discuss: 1 to 4,000 characters, not only whitespace."""
     rounds: _builtins.int
@@ -67,8 +68,10 @@ class CreateDiscussionRequest(_message.Message):
     request_id: _builtins.str
     """Idempotency key chosen by the client (at most 128 characters)."""
     token_budget: _builtins.int
-    """Most tokens the whole discussion may spend (prompt + completion); 0 means no limit.
-    Once spent, no further LLM call is made and the remaining answers fail with the reason.
+    """Most tokens the whole discussion may spend (prompt + completion); 0 means no limit. A ceiling:
+    each LLM call reserves its prompt and max_tokens before it starts (max_tokens cut to what is
+    left) and settles to its real usage after; a call without room for a minimal answer is not
+    made, and its answer fails with the reason.
     """
     @_builtins.property
     def personas(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
@@ -77,6 +80,13 @@ class CreateDiscussionRequest(_message.Message):
     @_builtins.property
     def ttl(self) -> _duration_pb2.Duration:
         """Idle time before the discussion expires; unset means the server's timeout."""
+
+    @_builtins.property
+    def timeout(self) -> _duration_pb2.Duration:
+        """Longest the whole discussion may take, counted from its creation (queueing included); unset
+        means the server's discussion timeout (none unless configured), which is also the most it may
+        be. Past it the LLM calls are cancelled and the discussion ends TIMED_OUT, partial results kept.
+        """
 
     def __init__(
         self,
@@ -87,10 +97,11 @@ class CreateDiscussionRequest(_message.Message):
         request_id: _builtins.str = ...,
         ttl: _duration_pb2.Duration | None = ...,
         token_budget: _builtins.int = ...,
+        timeout: _duration_pb2.Duration | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["ttl", b"ttl"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["timeout", b"timeout", "ttl", b"ttl"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["personas", b"personas", "request_id", b"request_id", "rounds", b"rounds", "token_budget", b"token_budget", "topic", b"topic", "ttl", b"ttl"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["personas", b"personas", "request_id", b"request_id", "rounds", b"rounds", "timeout", b"timeout", "token_budget", b"token_budget", "topic", b"topic", "ttl", b"ttl"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -161,6 +172,7 @@ class Discussion(_message.Message):
     TTL_FIELD_NUMBER: _builtins.int
     TOKEN_BUDGET_FIELD_NUMBER: _builtins.int
     COMPLETED_ROUNDS_FIELD_NUMBER: _builtins.int
+    TIMEOUT_FIELD_NUMBER: _builtins.int
     discussion_id: _builtins.str
     topic: _builtins.str
     status: Global___DiscussionStatus.ValueType
@@ -198,6 +210,12 @@ class Discussion(_message.Message):
     def ttl(self) -> _duration_pb2.Duration:
         """Idle time after which the discussion expires (the request's ttl, bounded by the server)."""
 
+    @_builtins.property
+    def timeout(self) -> _duration_pb2.Duration:
+        """How long the whole discussion may take from created_at (the request's timeout or the server's);
+        unset means no limit. Kept with the discussion, so a resumed or adopted one keeps its deadline.
+        """
+
     def __init__(
         self,
         *,
@@ -220,10 +238,11 @@ class Discussion(_message.Message):
         ttl: _duration_pb2.Duration | None = ...,
         token_budget: _builtins.int = ...,
         completed_rounds: _builtins.int = ...,
+        timeout: _duration_pb2.Duration | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "expires_at", b"expires_at", "last_accessed_at", b"last_accessed_at", "ttl", b"ttl", "updated_at", b"updated_at", "usage", b"usage"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "expires_at", b"expires_at", "last_accessed_at", b"last_accessed_at", "timeout", b"timeout", "ttl", b"ttl", "updated_at", b"updated_at", "usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["completed_agents", b"completed_agents", "completed_rounds", b"completed_rounds", "created_at", b"created_at", "discussion_id", b"discussion_id", "error", b"error", "expires_at", b"expires_at", "last_accessed_at", b"last_accessed_at", "last_sequence", b"last_sequence", "personas", b"personas", "request_id", b"request_id", "results", b"results", "rounds", b"rounds", "status", b"status", "summary", b"summary", "token_budget", b"token_budget", "topic", b"topic", "ttl", b"ttl", "updated_at", b"updated_at", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["completed_agents", b"completed_agents", "completed_rounds", b"completed_rounds", "created_at", b"created_at", "discussion_id", b"discussion_id", "error", b"error", "expires_at", b"expires_at", "last_accessed_at", b"last_accessed_at", "last_sequence", b"last_sequence", "personas", b"personas", "request_id", b"request_id", "results", b"results", "rounds", b"rounds", "status", b"status", "summary", b"summary", "timeout", b"timeout", "token_budget", b"token_budget", "topic", b"topic", "ttl", b"ttl", "updated_at", b"updated_at", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
