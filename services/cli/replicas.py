@@ -487,8 +487,13 @@ class Fleet:
             session_listen = options.session_port or next(ports)
             agents_listen = options.agents_port or next(ports)
             admin_port = options.envoy_admin_port or next(ports)
+            # With the Redis store the agent replicas share their LLM budget there too (used when rpm/tpm are set);
+            # a flag in agents_args comes later and wins.
+            budget_args = ["--llm-budget-redis-url", redis_url] if options.store == "redis" else []
             agents = [
-                Replica("agents", index, port, ["services.agents", *common, *llm_args, *options.agents_args])
+                Replica(
+                    "agents", index, port, ["services.agents", *common, *llm_args, *budget_args, *options.agents_args]
+                )
                 for index, port in zip(range(1, options.agent_replicas + 1), ports, strict=False)
             ]
             session_args = [*common, "--agents-address", f"127.0.0.1:{agents_listen}", "--store", options.store]
