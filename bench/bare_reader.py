@@ -1,4 +1,4 @@
-"""The floor for a streamed LLM call: a bare aiohttp client reading the SSE lines with `json`, nothing else.
+"""The floor for a streamed LLM call, in a process of its own: bench.llm_clients' bare aiohttp + json reader.
 
 `python -m bench.bare_reader --url URL --calls N --concurrency C --max-tokens T` makes N streamed chat
 completions, C at a time, and prints one JSON line with the CPU it spent (this process only) and the
@@ -18,32 +18,7 @@ import time
 
 import aiohttp
 
-PROMPT = [
-    {"role": "system", "content": "You are 科学家, a scientist. Answer in plain prose."},
-    {"role": "user", "content": "Topic: Should cities ban cars from their centres?\nGive your analysis."},
-]
-
-
-async def one_call(session: aiohttp.ClientSession, url: str, max_tokens: int) -> int:
-    """One streamed completion; the number of content chunks it carried."""
-    body = {"model": "bench", "messages": PROMPT, "max_tokens": max_tokens, "stream": True}
-    chunks = 0
-    parts: list[str] = []
-    async with session.post(url, json=body) as response:
-        response.raise_for_status()
-        async for line in response.content:
-            if not line.startswith(b"data: "):
-                continue
-            data = line[6:].strip()
-            if data == b"[DONE]":
-                break
-            payload = json.loads(data)
-            choices = payload.get("choices")
-            if choices and (text := choices[0]["delta"].get("content")):
-                parts.append(text)
-                chunks += 1
-    # The answer is assembled, as any client must, then dropped.
-    return chunks if "".join(parts) or not chunks else 0
+from bench.llm_clients import bare_readline_json
 
 
 async def run(url: str, calls: int, concurrency: int, max_tokens: int) -> dict[str, float]:
@@ -51,13 +26,14 @@ async def run(url: str, calls: int, concurrency: int, max_tokens: int) -> dict[s
     connector = aiohttp.TCPConnector(limit=concurrency)
     slots = asyncio.Semaphore(concurrency)
     async with aiohttp.ClientSession(connector=connector) as session:
+        one_call = bare_readline_json(session, url, max_tokens)
 
         async def bounded() -> int:
             async with slots:
-                return await one_call(session, url, max_tokens)
+                return await one_call()
 
         # One call first so connection set-up and imports are not counted.
-        await one_call(session, url, max_tokens)
+        await one_call()
         usage = resource.getrusage(resource.RUSAGE_SELF)
         cpu_before = usage.ru_utime + usage.ru_stime
         started = time.monotonic()
