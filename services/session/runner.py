@@ -94,6 +94,7 @@ class DiscussionRunner:
         max_events_per_discussion: int,
         max_concurrent_agent_runs: int = 1000,
         shared_state: bool = False,
+        terminal_event_delay_seconds: float = 0.0,
     ) -> None:
         self._store = store
         self._agents = agents
@@ -106,6 +107,7 @@ class DiscussionRunner:
         self._agent_runs_waiting = 0
         # With state shared between replicas a lapsed lease may be another replica's now.
         self._shared_state = shared_state
+        self._terminal_event_delay_seconds = terminal_event_delay_seconds
         self.active: dict[str, LiveDiscussion] = {}
         self.queued: dict[str, LiveDiscussion] = {}
         # Given a slot by admission before their creator handed them over (see submit()).
@@ -398,6 +400,8 @@ class DiscussionRunner:
         # so a document never claims an event the log lacks.
         if kind == "status_changed" and is_terminal(event.status_changed.status):
             await asyncio.shield(self._store.save(doc))
+            if self._terminal_event_delay_seconds:  # fault injection (tests): the log lags the document
+                await asyncio.shield(asyncio.sleep(self._terminal_event_delay_seconds))
             await asyncio.shield(self._store.append_events([event]))
         else:
             await asyncio.shield(self._store.append_events([event]))

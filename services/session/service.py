@@ -130,6 +130,7 @@ class SessionService:
             max_events_per_discussion=self.settings.max_events_per_discussion,
             max_concurrent_agent_runs=self.settings.max_concurrent_agent_runs,
             shared_state=self.redis is not None,
+            terminal_event_delay_seconds=self.settings.terminal_event_delay_seconds,
         )
         self.servicer = SessionServicer(
             settings=self.settings,

@@ -48,6 +48,8 @@ EVENTS_PER_READ = 256
 RESPONSE_MARGIN_BYTES = 4096
 # A reader re-checks the store this often even without a wake-up (belt and braces).
 STREAM_POLL_SECONDS = 2.0
+# How long a reader waits for the terminal event of a discussion whose document already says finished.
+TERMINAL_EVENT_GRACE_SECONDS = 10.0
 
 
 class SessionServicer(session_pb2_grpc.SessionServiceServicer):
@@ -186,6 +188,8 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
     async def _follow(self, discussion_id: str, after_sequence: int) -> AsyncIterator[session_pb2.DiscussionEvent]:
         """The events after after_sequence: replayed from the store, then as they are recorded."""
         last = after_sequence
+        # When the store first showed the discussion finished with its terminal event not yet in the log.
+        terminal_seen_monotonic: float | None = None
         while True:
             events = await self._store.events_after(discussion_id, last, EVENTS_PER_READ)
             for event in events:
@@ -202,10 +206,24 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
             doc = await self._store.get(discussion_id)
             if doc is None:
                 return  # deleted meanwhile
-            if is_terminal(doc.status) and not await self._store.events_after(discussion_id, last, 1):
-                return  # one last look covers events written just before it ended
             if not is_terminal(doc.status):
                 await self._store.wait_for_events(discussion_id, last, STREAM_POLL_SECONDS)
+                continue
+            if doc.last_sequence <= last:
+                return  # finished, and everything up to its end was delivered
+            # Its owner saves the finished document before appending the terminal event (runner._record):
+            # wait for that event rather than end the stream without it.
+            if terminal_seen_monotonic is None:
+                terminal_seen_monotonic = time.monotonic()
+            waited_seconds = time.monotonic() - terminal_seen_monotonic
+            if waited_seconds < TERMINAL_EVENT_GRACE_SECONDS:
+                await self._store.wait_for_events(
+                    discussion_id, last, min(STREAM_POLL_SECONDS, TERMINAL_EVENT_GRACE_SECONDS - waited_seconds)
+                )
+                continue
+            # The owner stopped between the two writes: the document holds what the event said.
+            yield _terminal_event(doc)
+            return
 
     async def CancelDiscussion(
         self, request: session_pb2.CancelDiscussionRequest, context: grpc.aio.ServicerContext
@@ -395,6 +413,16 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
         if timeout <= 0 or timeout > maximum:
             raise InvalidArgument(f"timeout must be above 0 and at most {maximum:.0f} seconds", "timeout")
         return timeout
+
+
+def _terminal_event(doc: session_pb2.Discussion) -> session_pb2.DiscussionEvent:
+    """The terminal status event of a finished document, rebuilt from it (its owner never appended it)."""
+    return session_pb2.DiscussionEvent(
+        discussion_id=doc.discussion_id,
+        sequence=doc.last_sequence,
+        time=doc.updated_at,
+        status_changed=session_pb2.StatusChanged(status=doc.status, error=doc.error),
+    )
 
 
 def _copy(doc: session_pb2.Discussion) -> session_pb2.Discussion:

@@ -117,6 +117,14 @@ class SessionSettings(ServiceSettings):
         ge=1,
         description="RunDiscussion calls open to the agent service at once; more running discussions wait here.",
     )
+    # Fault injection for the scale-out tests: widens the window in which a finished document is in the
+    # store but its terminal event is not yet in the log, which readers on other replicas must survive.
+    terminal_event_delay_seconds: float = Field(
+        0.0,
+        ge=0,
+        le=60,
+        description="Testing only: pause between saving a finished discussion and appending its terminal event.",
+    )
 
     @model_validator(mode="before")
     @classmethod
