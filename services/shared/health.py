@@ -85,8 +85,14 @@ class HealthComponents:
         *,
         interval_seconds: float,
         timeout_seconds: float,
+        failures_before_not_serving: int = 1,
     ) -> None:
         self._checks = dict(checks)
+        # A passing component counts as failing only after this many failed checks in a row: one slow
+        # answer on a loaded machine must not take the replica out of the balancer (with a single
+        # replica, Envoy would then have nowhere to route). One pass restores it.
+        self._failures_before_not_serving = failures_before_not_serving
+        self._failures_in_a_row = dict.fromkeys(self._checks, 0)
         self._servicer = servicer
         self._service_names = service_names
         self._interval_seconds = interval_seconds
@@ -107,7 +113,15 @@ class HealthComponents:
         """Run every check once (concurrently), publish the result, and return the failing ones with reasons."""
         names = list(self._checks)
         reasons = await asyncio.gather(*(self._run_check(name, self._checks[name]) for name in names))
-        failing = {name: reason for name, reason in zip(names, reasons, strict=True) if reason is not None}
+        failing: dict[str, str] = {}
+        for name, reason in zip(names, reasons, strict=True):
+            self._failures_in_a_row[name] = 0 if reason is None else self._failures_in_a_row[name] + 1
+            # At start (no verdict yet) and while already failing, one failure is enough.
+            known_failing = self._failing is None or name in self._failing
+            if reason is not None and (
+                known_failing or self._failures_in_a_row[name] >= self._failures_before_not_serving
+            ):
+                failing[name] = reason
         for name in names:
             COMPONENT_HEALTHY.labels(name).set(0 if name in failing else 1)
         if failing != self._failing:

@@ -125,6 +125,7 @@ class ServiceHost:
             tuple(self.service.grpc_services),
             interval_seconds=self.settings.health_check_interval_seconds,
             timeout_seconds=self.settings.health_check_timeout_seconds,
+            failures_before_not_serving=self.settings.health_failures_before_not_serving,
         )
         # SERVING unless a component already fails: the first answer a probe gets is already true.
         await self._components.evaluate()

@@ -91,6 +91,9 @@ class ServiceSettings(BaseSettings):
     health_check_interval_seconds: float = Field(
         5.0, gt=0, description="How often the service's health components (store, channels) are checked."
     )
+    health_failures_before_not_serving: int = Field(
+        3, ge=1, description="Failed checks in a row before a passing health component turns the service NOT_SERVING."
+    )
     health_check_timeout_seconds: float = Field(
         2.0, gt=0, description="A health check not answered within this time counts as failing."
     )

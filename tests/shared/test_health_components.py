@@ -238,3 +238,33 @@ async def test_the_session_service_is_not_serving_while_its_agents_or_its_redis_
     finally:
         await session.stop(grace_seconds=0)
         await agents.stop(grace_seconds=0)
+
+
+async def test_one_failed_check_does_not_take_a_passing_replica_out_but_failures_in_a_row_do(
+    start_monitor: Callable[[MonitorSettings], Awaitable[ServiceHost]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A loaded machine answers one check late now and then; with a single replica behind Envoy, turning
+    # NOT_SERVING on that would leave "no healthy upstream" (seen in the quota-storm benchmark).
+    answers: list[bool] = []
+    flaky_failures = 0
+
+    async def flaky() -> None:
+        nonlocal flaky_failures
+        fail = len(answers) % 2 == 1 and flaky_failures < 10  # every other poll fails, ten times
+        answers.append(not fail)
+        if fail:
+            flaky_failures += 1
+            raise RuntimeError("slow answer")
+
+    steady = HealthState()
+    monkeypatch.setattr(MonitorService, "health_checks", lambda self: {"flaky": flaky, "steady": steady}, raising=False)
+    host = await start_monitor(monitor_settings(**FAST, health_failures_before_not_serving=3))
+    async with asyncio.timeout(10):
+        while flaky_failures < 10:
+            assert await statuses(host) == all_serving()
+            await asyncio.sleep(0.01)
+
+    steady.set_failing("connection refused")  # failing at every poll: out after three in a row
+    await until(host, routed_away())
+    steady.set_healthy()  # one pass restores it
+    await until(host, all_serving())
