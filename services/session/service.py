@@ -11,6 +11,7 @@ from services.gen.roundtable.agents.v1 import agents_pb2_grpc
 from services.gen.roundtable.session.v1 import session_pb2, session_pb2_grpc
 from services.session.admission import Admission, MemoryAdmission
 from services.session.auth import Authenticator, load_keys
+from services.session.cancel_relay import CancelRelay, LocalCancelRelay
 from services.session.document import apply_event
 from services.session.expiry import ExpirySweeper
 from services.session.ids import IdScope
@@ -21,11 +22,12 @@ from services.session.notifier import EventNotifier
 from services.session.personas import PersonaCatalog
 from services.session.rate_limit import NoRateLimit, RateLimiter, WindowRateLimiter
 from services.session.redis_admission import RedisAdmission
+from services.session.redis_cancel_relay import RedisCancelRelay
 from services.session.redis_connection import connect as connect_redis
 from services.session.redis_rate_limit import RedisRateLimiter
 from services.session.redis_store import RedisStore
 from services.session.runner import SUSPEND, DiscussionRunner
-from services.session.servicer import SessionServicer
+from services.session.servicer import CANCEL_REASON, SessionServicer
 from services.session.settings import SessionSettings
 from services.session.sqlite_store import SqliteStore
 from services.session.store import UNFINISHED_STATUSES, Store
@@ -73,6 +75,12 @@ class SessionService:
                 lease_ttl_seconds=settings.lease_ttl_seconds,
             )
         DISCUSSION_CAPACITY.set(settings.max_concurrent_sessions)
+        # A cancel may reach a replica that does not run the discussion: it tells the one that does.
+        self.cancel_relay: CancelRelay = (
+            RedisCancelRelay(self.redis, key_prefix=settings.redis_key_prefix)
+            if self.redis is not None
+            else LocalCancelRelay()
+        )
         self.notifier = EventNotifier()
         self.store: Store = MemoryStore()
         self.authenticator = Authenticator(
@@ -143,7 +151,9 @@ class SessionService:
             rate_limiter=self.rate_limiter,
             memory_watch=self.memory_watch,
             id_scope=self.id_scope,
+            cancel_relay=self.cancel_relay,
         )
+        self.cancel_relay.start(self._cancel_here)
         await self._take_up_leftovers(self.runner)
         runner = self.runner
         # While running, only RUNNING discussions whose lease lapsed are orphans (their replica died);
@@ -204,6 +214,13 @@ class SessionService:
         if self.redis is not None and self.servicer is not None and self.servicer.accepting:
             await self._take_up_leftovers(runner, running_only=True)
 
+    async def _cancel_here(self, discussion_id: str) -> None:
+        """Cancel a discussion another replica was asked to cancel, if this replica runs or queues it."""
+        if self.runner is None or self.runner.live(discussion_id) is None:
+            return
+        if await self.runner.stop(discussion_id, session_pb2.DISCUSSION_STATUS_CANCELLED, CANCEL_REASON):
+            await self.runner.release_agents(discussion_id)
+
     async def _catch_up(self, doc: session_pb2.Discussion) -> None:
         """Fold in events recorded after the document was last saved (text deltas, or a save cut off)."""
         while events := await self.store.events_after(doc.discussion_id, doc.last_sequence, 1000):
@@ -224,6 +241,7 @@ class SessionService:
 
     async def close(self) -> None:
         """Stop the background loops, close the agent channel and the store."""
+        await self.cancel_relay.stop()
         if self.sweeper is not None:
             await self.sweeper.stop()
         if self.runner is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import secrets
 import time
@@ -13,6 +14,7 @@ from services.gen.roundtable.session.v1 import session_pb2, session_pb2_grpc
 from services.session import validation
 from services.session.admission import Admission
 from services.session.auth import Authenticator
+from services.session.cancel_relay import CancelRelay
 from services.session.document import apply_event
 from services.session.ids import IdScope
 from services.session.memory_watch import MemoryWatch
@@ -48,6 +50,12 @@ EVENTS_PER_READ = 256
 RESPONSE_MARGIN_BYTES = 4096
 # A reader re-checks the store this often even without a wake-up (belt and braces).
 STREAM_POLL_SECONDS = 2.0
+CANCEL_REASON = "cancelled by the client"
+# How long a cancel through a replica that does not run the discussion waits for its owner to end it.
+CANCEL_ELSEWHERE_TIMEOUT_SECONDS = 5.0
+# While waiting, how often it looks at the document, and how often it repeats its request (pub/sub keeps nothing).
+CANCEL_POLL_SECONDS = 0.05
+CANCEL_REPEAT_SECONDS = 0.5
 # How long a reader waits for the terminal event of a discussion whose document already says finished.
 TERMINAL_EVENT_GRACE_SECONDS = 10.0
 
@@ -72,6 +80,7 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
         rate_limiter: RateLimiter,
         memory_watch: MemoryWatch | None,
         id_scope: IdScope,
+        cancel_relay: CancelRelay,
     ) -> None:
         self._settings = settings
         self._ids = id_scope
@@ -83,6 +92,7 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
         self._auth = authenticator
         self._rate = rate_limiter
         self._memory = memory_watch
+        self._cancel_relay = cancel_relay
         self.accepting = True
 
     async def CreateDiscussion(
@@ -235,17 +245,34 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
             raise FailedPrecondition(
                 f"discussion {request.discussion_id} is already {session_pb2.DiscussionStatus.Name(doc.status)}"
             )
-        stopped = await self._runner.stop(
-            doc.discussion_id, session_pb2.DISCUSSION_STATUS_CANCELLED, "cancelled by the client"
-        )
+        stopped = await self._runner.stop(doc.discussion_id, session_pb2.DISCUSSION_STATUS_CANCELLED, CANCEL_REASON)
         if stopped:
             await self._runner.release_agents(doc.discussion_id)
-        found = await self._store.get(doc.discussion_id)
+            found = await self._store.get(doc.discussion_id)
+        else:
+            found = await self._cancel_elsewhere(doc.discussion_id)
         if found is None:
             raise NotFound(f"discussion {request.discussion_id} not found")
         if not is_terminal(found.status):
-            raise Unavailable(f"discussion {request.discussion_id} is not running on this replica; retry")
+            raise Unavailable(
+                f"discussion {request.discussion_id} did not end within {CANCEL_ELSEWHERE_TIMEOUT_SECONDS:g} s: "
+                "the replica running it is not answering (another takes it over within a lease ttl); retry"
+            )
         return self._as_public(found, request.discussion_id)
+
+    async def _cancel_elsewhere(self, discussion_id: str) -> session_pb2.Discussion | None:
+        """Ask the replica running or queueing the discussion to cancel it; its document once ended or timed out."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + CANCEL_ELSEWHERE_TIMEOUT_SECONDS
+        next_request = loop.time()
+        while True:
+            if loop.time() >= next_request:
+                await self._cancel_relay.request(discussion_id)
+                next_request = loop.time() + CANCEL_REPEAT_SECONDS
+            found = await self._store.get(discussion_id)
+            if found is None or is_terminal(found.status) or loop.time() >= deadline:
+                return found
+            await asyncio.sleep(CANCEL_POLL_SECONDS)
 
     async def ListDiscussions(
         self, request: session_pb2.ListDiscussionsRequest, context: grpc.aio.ServicerContext
