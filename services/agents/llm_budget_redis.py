@@ -26,10 +26,8 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import TypeVar
 
 import redis.asyncio as redis
-from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
-from redis.retry import Retry
 
 from services.agents import metrics
 from services.agents.llm_budget import (
@@ -41,6 +39,7 @@ from services.agents.llm_budget import (
     MemoryBuckets,
     RedisDownPolicy,
 )
+from services.shared import redis_client
 
 logger = logging.getLogger(__name__)
 
@@ -178,18 +177,8 @@ return 1
 
 
 def connect(url: str, *, timeout_seconds: float = DEFAULT_TIMEOUT_SECONDS) -> redis.Redis:
-    """A client for `url` whose every command is bounded by `timeout_seconds` (no I/O until first use)."""
-    return redis.Redis.from_url(
-        url,
-        socket_timeout=timeout_seconds,
-        socket_connect_timeout=timeout_seconds,
-        socket_keepalive=True,
-        # One immediate retry replaces a pooled connection that died with a restarted Redis; no
-        # back-off, so a Redis that is down costs one timeout and the failure policy decides.
-        retry=Retry(NoBackoff(), retries=1, supported_errors=(RedisConnectionError,)),
-        health_check_interval=30,
-        client_name="roundtable-llm-budget",
-    )
+    """The budget's client for `url` (services.shared.redis_client's failure policy: no command hangs)."""
+    return redis_client.connect(url, client_name="roundtable-llm-budget", timeout_seconds=timeout_seconds)
 
 
 def bucket_key(prefix: str, backend: str) -> str:

@@ -16,19 +16,18 @@ from typing import Any, TypeAlias
 
 import redis.asyncio as redis
 from redis.asyncio.client import Pipeline
-from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, OutOfMemoryError, ReadOnlyError
 from redis.exceptions import TimeoutError as RedisTimeoutError
-from redis.retry import Retry
 
+from services.shared import redis_client
 from services.shared.errors import Unavailable
 
 Client: TypeAlias = "redis.Redis"
 EncodableArg: TypeAlias = bytes | str | int | float
 
-DEFAULT_TIMEOUT_SECONDS = 0.5
-DEFAULT_MAX_CONNECTIONS = 64
+DEFAULT_TIMEOUT_SECONDS = redis_client.DEFAULT_TIMEOUT_SECONDS
+DEFAULT_MAX_CONNECTIONS = redis_client.DEFAULT_MAX_CONNECTIONS
 
 
 class RedisUnavailable(Unavailable):
@@ -41,22 +40,10 @@ def connect(
     timeout_seconds: float = DEFAULT_TIMEOUT_SECONDS,
     max_connections: int = DEFAULT_MAX_CONNECTIONS,
 ) -> Client:
-    """A client for redis:// or rediss:// `url` with the failure policy above (no I/O until first use)."""
-    pool = redis.BlockingConnectionPool.from_url(
-        url,
-        max_connections=max_connections,
-        # Waiting for a free pooled connection is bounded like any command.
-        timeout=timeout_seconds,
-        socket_timeout=timeout_seconds,
-        socket_connect_timeout=timeout_seconds,
-        socket_keepalive=True,
-        # redis-py's default retries three times with up to 10 s of back-off: a hang by another
-        # name. One immediate retry, on connection errors only, replaces a dead pooled connection.
-        retry=Retry(NoBackoff(), retries=1, supported_errors=(RedisConnectionError,)),
-        health_check_interval=30,
-        client_name="roundtable-session",
+    """The session service's client for `url` (services.shared.redis_client's failure policy)."""
+    return redis_client.connect(
+        url, client_name="roundtable-session", timeout_seconds=timeout_seconds, max_connections=max_connections
     )
-    return redis.Redis(connection_pool=pool)
 
 
 def blocking_twin(client: Client, extra_timeout_seconds: float) -> Client:
