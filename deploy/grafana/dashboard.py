@@ -15,6 +15,10 @@ from grafana_foundation_sdk.models.dashboard import Dashboard, DashboardCursorSy
 OUTPUT = pathlib.Path(__file__).resolve().parent / "roundtable.json"
 DATASOURCE = DataSourceRef(type_val="prometheus", uid="${datasource}")
 RATE = "$__rate_interval"
+# Each replica's own slots, summed; or the one fleet-wide cap every replica sharing Redis admission reports.
+CAPACITY = (
+    'sum(roundtable_discussions_capacity{scope="replica"}) or max(roundtable_discussions_capacity{scope="fleet"})'
+)
 # Scrape jobs are named roundtable-<service>, as deploy/prometheus/rules.yml expects.
 OURS = 'job=~"roundtable-.*"'
 # The agent service exports roundtable_llm_* (services/agents/metrics.py). The live dashboard test
@@ -152,7 +156,7 @@ def _board() -> dashboard.Dashboard:
             [
                 Query("sum(roundtable_discussions_active)", "active"),
                 Query("sum(roundtable_discussions_queued)", "queued"),
-                Query("sum(roundtable_discussions_capacity)", "capacity"),
+                Query(CAPACITY, "capacity"),
             ],
             width=18,
         )
@@ -162,7 +166,7 @@ def _board() -> dashboard.Dashboard:
             "Saturation",
             "Running discussions over capacity; past 90 % for 10 minutes RoundtableSaturated fires.",
             "percentunit",
-            Query("sum(roundtable_discussions_active) / sum(roundtable_discussions_capacity)"),
+            Query(f"sum(roundtable_discussions_active) / ({CAPACITY})"),
         )
     )
     board.with_panel(

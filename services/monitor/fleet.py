@@ -74,6 +74,8 @@ class InstanceConcurrency:
     cpu_percent: float
     rss_bytes: int
     last_report_wall_time: float
+    # session_capacity is the fleet-wide cap its replicas share (Redis admission), not this instance's own.
+    session_capacity_shared: bool = False
 
 
 @dataclass(frozen=True)
@@ -387,13 +389,17 @@ class FleetView:
                 cpu_percent=snapshot.report.cpu_percent,
                 rss_bytes=snapshot.report.rss_bytes,
                 last_report_wall_time=snapshot.received_wall_time,
+                session_capacity_shared=snapshot.report.session_capacity_shared,
             )
             for snapshot in latest
         )
+        # Each replica reports what it runs itself, so load adds up; a shared cap is the fleet's once.
+        own_capacity = sum(row.session_capacity for row in rows if not row.session_capacity_shared)
+        shared_capacity = max((row.session_capacity for row in rows if row.session_capacity_shared), default=0)
         return ConcurrencyTotals(
             active_sessions=sum(row.active_sessions for row in rows),
             queued_sessions=sum(row.queued_sessions for row in rows),
-            session_capacity=sum(row.session_capacity for row in rows),
+            session_capacity=own_capacity + shared_capacity,
             live_agent_sets=sum(row.live_agent_sets for row in rows),
             instances=rows,
         )

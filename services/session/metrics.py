@@ -10,7 +10,12 @@ DISCUSSIONS_FINISHED = Counter(
 )
 DISCUSSIONS_ACTIVE = Gauge("roundtable_discussions_active", "Discussions running on this session replica.")
 DISCUSSIONS_QUEUED = Gauge("roundtable_discussions_queued", "Discussions waiting for a slot on this replica.")
-DISCUSSION_CAPACITY = Gauge("roundtable_discussions_capacity", "Discussions this replica may run at once.")
+DISCUSSION_CAPACITY = Gauge(
+    "roundtable_discussions_capacity",
+    "Discussions that may run at once: this replica's own slots (scope=replica), or the fleet-wide cap every "
+    "replica sharing the admission in Redis reports alike (scope=fleet: take the max, not the sum).",
+    ["scope"],
+)
 DISCUSSIONS_EXPIRED = Counter("roundtable_discussions_expired_total", "Discussions removed because they expired.")
 ADMISSIONS_REJECTED = Counter(
     "roundtable_admissions_rejected_total", "Calls refused with RESOURCE_EXHAUSTED, by the limit reached.", ["limit"]

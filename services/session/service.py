@@ -74,7 +74,9 @@ class SessionService:
                 max_per_principal=settings.principal_cap,
                 lease_ttl_seconds=settings.lease_ttl_seconds,
             )
-        DISCUSSION_CAPACITY.set(settings.max_concurrent_sessions)
+        DISCUSSION_CAPACITY.labels("fleet" if self.redis is not None else "replica").set(
+            settings.max_concurrent_sessions
+        )
         # A cancel may reach a replica that does not run the discussion: it tells the one that does.
         self.cancel_relay: CancelRelay = (
             RedisCancelRelay(self.redis, key_prefix=settings.redis_key_prefix)
@@ -260,9 +262,11 @@ class SessionService:
         return checks
 
     def load(self) -> InstanceLoad:
-        """Running and queued discussions and capacity, for monitor reports."""
+        """The discussions this replica runs and queues (its share: the monitor sums them) and the cap, for reports."""
         return InstanceLoad(
-            active_sessions=self.admission.active(),
-            queued_sessions=self.admission.queued(),
+            active_sessions=len(self.runner.active) if self.runner is not None else 0,
+            queued_sessions=len(self.runner.queued) if self.runner is not None else 0,
             session_capacity=self.admission.capacity,
+            # With Redis, admission's cap is the fleet's, and every replica reports the same one.
+            session_capacity_shared=self.redis is not None,
         )

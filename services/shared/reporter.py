@@ -28,6 +28,8 @@ class InstanceLoad:
     queued_sessions: int = 0
     session_capacity: int = 0
     live_agent_sets: int = 0
+    # session_capacity is one cap every replica on the same admission reports: counted once.
+    session_capacity_shared: bool = False
 
 
 def method_counters(grpc_services: Iterable[str]) -> list[monitor_pb2.MethodCounters]:
@@ -122,6 +124,7 @@ class MonitorReporter:
             active_sessions=load.active_sessions,
             queued_sessions=load.queued_sessions,
             session_capacity=load.session_capacity,
+            session_capacity_shared=load.session_capacity_shared,
             live_agent_sets=load.live_agent_sets,
             cpu_percent=self._process.cpu_percent(None),
             rss_bytes=self._process.memory_info().rss,

@@ -193,6 +193,18 @@ def test_concurrency_totals_and_rows(fleet: FleetView) -> None:
     assert totals.instances[0].last_report_wall_time == 5e8
 
 
+def test_a_capacity_the_replicas_share_counts_once_and_their_own_load_adds_up(fleet: FleetView) -> None:
+    """Two replicas on one Redis admission both report its cap of 10: the fleet holds 10 slots, not 20."""
+    for instance_id, active_sessions in (("session-1", 2), ("session-2", 1)):
+        shared = report(instance_id, active_sessions=active_sessions)
+        shared.session_capacity_shared = True
+        fleet.record(shared)
+    fleet.record(report("session-solo", active_sessions=4))  # its own cap of 10, beside them
+    totals = fleet.concurrency()
+    assert (totals.active_sessions, totals.queued_sessions, totals.session_capacity) == (7, 3, 20)
+    assert [row.session_capacity_shared for row in totals.instances] == [True, True, False]
+
+
 def test_performance_history_has_one_point_per_step(fleet: FleetView, clock: FakeClock) -> None:
     fleet.record(report("a", counters(METHOD, [0] * 6)))
     fleet.record(report("b", counters(METHOD, [0] * 6)))

@@ -25,51 +25,51 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#roundtable/monitor/v1/monitor.proto\x12\x15roundtable.monitor.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xa5\x01\n\x0eMethodCounters\x12\x0e\n\x06method\x18\x01 \x01(\t\x12\x15\n\rhandled_total\x18\x02 \x01(\x04\x12\x13\n\x0b\x65rror_total\x18\x03 \x01(\x04\x12#\n\x1b\x62ucket_upper_bounds_seconds\x18\x04 \x03(\x01\x12\x15\n\rbucket_counts\x18\x05 \x03(\x04\x12\x1b\n\x13latency_sum_seconds\x18\x06 \x01(\x01\"\xed\x02\n\x0eInstanceReport\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\x0f\n\x07service\x18\x02 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12/\n\x0breported_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x36\n\x07methods\x18\x05 \x03(\x0b\x32%.roundtable.monitor.v1.MethodCounters\x12\x17\n\x0f\x61\x63tive_sessions\x18\x06 \x01(\x03\x12\x17\n\x0fqueued_sessions\x18\x07 \x01(\x03\x12\x18\n\x10session_capacity\x18\x08 \x01(\x03\x12\x17\n\x0flive_agent_sets\x18\t \x01(\x03\x12\x13\n\x0b\x63pu_percent\x18\n \x01(\x01\x12\x11\n\trss_bytes\x18\x0b \x01(\x03\x12.\n\nstarted_at\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x18\n\x16ReportInstanceResponse\"6\n\x1cGetPerformanceSummaryRequest\x12\x16\n\x0ewindow_seconds\x18\x01 \x01(\x05\"\xa2\x01\n\rMethodSummary\x12\x0e\n\x06method\x18\x01 \x01(\t\x12\x1b\n\x13requests_per_second\x18\x02 \x01(\x01\x12\x12\n\nerror_rate\x18\x03 \x01(\x01\x12\x0e\n\x06p50_ms\x18\x04 \x01(\x01\x12\x0e\n\x06p95_ms\x18\x05 \x01(\x01\x12\x0e\n\x06p99_ms\x18\x06 \x01(\x01\x12\x10\n\x08requests\x18\x07 \x01(\x04\x12\x0e\n\x06\x65rrors\x18\x08 \x01(\x04\"v\n\x12PerformanceSummary\x12\x16\n\x0ewindow_seconds\x18\x01 \x01(\x05\x12\x35\n\x07methods\x18\x02 \x03(\x0b\x32$.roundtable.monitor.v1.MethodSummary\x12\x11\n\tinstances\x18\x03 \x01(\x05\"\x1c\n\x1aGetConcurrencyStatsRequest\"\xfc\x01\n\x13InstanceConcurrency\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\x0f\n\x07service\x18\x02 \x01(\t\x12\x17\n\x0f\x61\x63tive_sessions\x18\x03 \x01(\x03\x12\x17\n\x0fqueued_sessions\x18\x04 \x01(\x03\x12\x18\n\x10session_capacity\x18\x05 \x01(\x03\x12\x17\n\x0flive_agent_sets\x18\x06 \x01(\x03\x12\x13\n\x0b\x63pu_percent\x18\x07 \x01(\x01\x12\x11\n\trss_bytes\x18\x08 \x01(\x03\x12\x32\n\x0elast_report_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xb6\x01\n\x10\x43oncurrencyStats\x12\x17\n\x0f\x61\x63tive_sessions\x18\x01 \x01(\x03\x12\x17\n\x0fqueued_sessions\x18\x02 \x01(\x03\x12\x18\n\x10session_capacity\x18\x03 \x01(\x03\x12\x17\n\x0flive_agent_sets\x18\x04 \x01(\x03\x12=\n\tinstances\x18\x05 \x03(\x0b\x32*.roundtable.monitor.v1.InstanceConcurrency\"L\n\x1cGetPerformanceHistoryRequest\x12\x16\n\x0ewindow_seconds\x18\x01 \x01(\x05\x12\x14\n\x0cstep_seconds\x18\x02 \x01(\x05\"\xbd\x01\n\x10PerformancePoint\x12&\n\x02\x61t\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1b\n\x13requests_per_second\x18\x02 \x01(\x01\x12\x12\n\nerror_rate\x18\x03 \x01(\x01\x12\x0e\n\x06p50_ms\x18\x04 \x01(\x01\x12\x0e\n\x06p95_ms\x18\x05 \x01(\x01\x12\x0e\n\x06p99_ms\x18\x06 \x01(\x01\x12\x10\n\x08requests\x18\x07 \x01(\x04\x12\x0e\n\x06\x65rrors\x18\x08 \x01(\x04\"X\n\rMethodHistory\x12\x0e\n\x06method\x18\x01 \x01(\t\x12\x37\n\x06points\x18\x02 \x03(\x0b\x32\'.roundtable.monitor.v1.PerformancePoint\"y\n\x12PerformanceHistory\x12\x16\n\x0ewindow_seconds\x18\x01 \x01(\x05\x12\x14\n\x0cstep_seconds\x18\x02 \x01(\x05\x12\x35\n\x07methods\x18\x03 \x03(\x0b\x32$.roundtable.monitor.v1.MethodHistory\"\x8e\x02\n\x05\x41lert\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07subject\x18\x02 \x01(\t\x12\x30\n\x05state\x18\x03 \x01(\x0e\x32!.roundtable.monitor.v1.AlertState\x12\r\n\x05value\x18\x04 \x01(\x01\x12\x11\n\tthreshold\x18\x05 \x01(\x01\x12\x0c\n\x04unit\x18\x06 \x01(\t\x12\x14\n\x0chold_seconds\x18\x07 \x01(\x01\x12,\n\x08\x66ired_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bresolved_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07summary\x18\n \x01(\t\"\x13\n\x11ListAlertsRequest\"r\n\x12ListAlertsResponse\x12,\n\x06\x66iring\x18\x01 \x03(\x0b\x32\x1c.roundtable.monitor.v1.Alert\x12.\n\x08resolved\x18\x02 \x03(\x0b\x32\x1c.roundtable.monitor.v1.Alert\"\x14\n\x12WatchAlertsRequest\"P\n\x0f\x41lertTransition\x12+\n\x05\x61lert\x18\x01 \x01(\x0b\x32\x1c.roundtable.monitor.v1.Alert\x12\x10\n\x08replayed\x18\x02 \x01(\x08*[\n\nAlertState\x12\x1b\n\x17\x41LERT_STATE_UNSPECIFIED\x10\x00\x12\x16\n\x12\x41LERT_STATE_FIRING\x10\x01\x12\x18\n\x14\x41LERT_STATE_RESOLVED\x10\x02\x32\xa4\x05\n\x0eMonitorService\x12\x66\n\x0eReportInstance\x12%.roundtable.monitor.v1.InstanceReport\x1a-.roundtable.monitor.v1.ReportInstanceResponse\x12w\n\x15GetPerformanceSummary\x12\x33.roundtable.monitor.v1.GetPerformanceSummaryRequest\x1a).roundtable.monitor.v1.PerformanceSummary\x12q\n\x13GetConcurrencyStats\x12\x31.roundtable.monitor.v1.GetConcurrencyStatsRequest\x1a\'.roundtable.monitor.v1.ConcurrencyStats\x12w\n\x15GetPerformanceHistory\x12\x33.roundtable.monitor.v1.GetPerformanceHistoryRequest\x1a).roundtable.monitor.v1.PerformanceHistory\x12\x61\n\nListAlerts\x12(.roundtable.monitor.v1.ListAlertsRequest\x1a).roundtable.monitor.v1.ListAlertsResponse\x12\x62\n\x0bWatchAlerts\x12).roundtable.monitor.v1.WatchAlertsRequest\x1a&.roundtable.monitor.v1.AlertTransition0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#roundtable/monitor/v1/monitor.proto\x12\x15roundtable.monitor.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xa5\x01\n\x0eMethodCounters\x12\x0e\n\x06method\x18\x01 \x01(\t\x12\x15\n\rhandled_total\x18\x02 \x01(\x04\x12\x13\n\x0b\x65rror_total\x18\x03 \x01(\x04\x12#\n\x1b\x62ucket_upper_bounds_seconds\x18\x04 \x03(\x01\x12\x15\n\rbucket_counts\x18\x05 \x03(\x04\x12\x1b\n\x13latency_sum_seconds\x18\x06 \x01(\x01\"\x8e\x03\n\x0eInstanceReport\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\x0f\n\x07service\x18\x02 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12/\n\x0breported_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x36\n\x07methods\x18\x05 \x03(\x0b\x32%.roundtable.monitor.v1.MethodCounters\x12\x17\n\x0f\x61\x63tive_sessions\x18\x06 \x01(\x03\x12\x17\n\x0fqueued_sessions\x18\x07 \x01(\x03\x12\x18\n\x10session_capacity\x18\x08 \x01(\x03\x12\x17\n\x0flive_agent_sets\x18\t \x01(\x03\x12\x13\n\x0b\x63pu_percent\x18\n \x01(\x01\x12\x11\n\trss_bytes\x18\x0b \x01(\x03\x12.\n\nstarted_at\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1f\n\x17session_capacity_shared\x18\r \x01(\x08\"\x18\n\x16ReportInstanceResponse\"6\n\x1cGetPerformanceSummaryRequest\x12\x16\n\x0ewindow_seconds\x18\x01 \x01(\x05\"\xa2\x01\n\rMethodSummary\x12\x0e\n\x06method\x18\x01 \x01(\t\x12\x1b\n\x13requests_per_second\x18\x02 \x01(\x01\x12\x12\n\nerror_rate\x18\x03 \x01(\x01\x12\x0e\n\x06p50_ms\x18\x04 \x01(\x01\x12\x0e\n\x06p95_ms\x18\x05 \x01(\x01\x12\x0e\n\x06p99_ms\x18\x06 \x01(\x01\x12\x10\n\x08requests\x18\x07 \x01(\x04\x12\x0e\n\x06\x65rrors\x18\x08 \x01(\x04\"v\n\x12PerformanceSummary\x12\x16\n\x0ewindow_seconds\x18\x01 \x01(\x05\x12\x35\n\x07methods\x18\x02 \x03(\x0b\x32$.roundtable.monitor.v1.MethodSummary\x12\x11\n\tinstances\x18\x03 \x01(\x05\"\x1c\n\x1aGetConcurrencyStatsRequest\"\xfc\x01\n\x13InstanceConcurrency\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\x0f\n\x07service\x18\x02 \x01(\t\x12\x17\n\x0f\x61\x63tive_sessions\x18\x03 \x01(\x03\x12\x17\n\x0fqueued_sessions\x18\x04 \x01(\x03\x12\x18\n\x10session_capacity\x18\x05 \x01(\x03\x12\x17\n\x0flive_agent_sets\x18\x06 \x01(\x03\x12\x13\n\x0b\x63pu_percent\x18\x07 \x01(\x01\x12\x11\n\trss_bytes\x18\x08 \x01(\x03\x12\x32\n\x0elast_report_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xb6\x01\n\x10\x43oncurrencyStats\x12\x17\n\x0f\x61\x63tive_sessions\x18\x01 \x01(\x03\x12\x17\n\x0fqueued_sessions\x18\x02 \x01(\x03\x12\x18\n\x10session_capacity\x18\x03 \x01(\x03\x12\x17\n\x0flive_agent_sets\x18\x04 \x01(\x03\x12=\n\tinstances\x18\x05 \x03(\x0b\x32*.roundtable.monitor.v1.InstanceConcurrency\"L\n\x1cGetPerformanceHistoryRequest\x12\x16\n\x0ewindow_seconds\x18\x01 \x01(\x05\x12\x14\n\x0cstep_seconds\x18\x02 \x01(\x05\"\xbd\x01\n\x10PerformancePoint\x12&\n\x02\x61t\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1b\n\x13requests_per_second\x18\x02 \x01(\x01\x12\x12\n\nerror_rate\x18\x03 \x01(\x01\x12\x0e\n\x06p50_ms\x18\x04 \x01(\x01\x12\x0e\n\x06p95_ms\x18\x05 \x01(\x01\x12\x0e\n\x06p99_ms\x18\x06 \x01(\x01\x12\x10\n\x08requests\x18\x07 \x01(\x04\x12\x0e\n\x06\x65rrors\x18\x08 \x01(\x04\"X\n\rMethodHistory\x12\x0e\n\x06method\x18\x01 \x01(\t\x12\x37\n\x06points\x18\x02 \x03(\x0b\x32\'.roundtable.monitor.v1.PerformancePoint\"y\n\x12PerformanceHistory\x12\x16\n\x0ewindow_seconds\x18\x01 \x01(\x05\x12\x14\n\x0cstep_seconds\x18\x02 \x01(\x05\x12\x35\n\x07methods\x18\x03 \x03(\x0b\x32$.roundtable.monitor.v1.MethodHistory\"\x8e\x02\n\x05\x41lert\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07subject\x18\x02 \x01(\t\x12\x30\n\x05state\x18\x03 \x01(\x0e\x32!.roundtable.monitor.v1.AlertState\x12\r\n\x05value\x18\x04 \x01(\x01\x12\x11\n\tthreshold\x18\x05 \x01(\x01\x12\x0c\n\x04unit\x18\x06 \x01(\t\x12\x14\n\x0chold_seconds\x18\x07 \x01(\x01\x12,\n\x08\x66ired_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bresolved_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07summary\x18\n \x01(\t\"\x13\n\x11ListAlertsRequest\"r\n\x12ListAlertsResponse\x12,\n\x06\x66iring\x18\x01 \x03(\x0b\x32\x1c.roundtable.monitor.v1.Alert\x12.\n\x08resolved\x18\x02 \x03(\x0b\x32\x1c.roundtable.monitor.v1.Alert\"\x14\n\x12WatchAlertsRequest\"P\n\x0f\x41lertTransition\x12+\n\x05\x61lert\x18\x01 \x01(\x0b\x32\x1c.roundtable.monitor.v1.Alert\x12\x10\n\x08replayed\x18\x02 \x01(\x08*[\n\nAlertState\x12\x1b\n\x17\x41LERT_STATE_UNSPECIFIED\x10\x00\x12\x16\n\x12\x41LERT_STATE_FIRING\x10\x01\x12\x18\n\x14\x41LERT_STATE_RESOLVED\x10\x02\x32\xa4\x05\n\x0eMonitorService\x12\x66\n\x0eReportInstance\x12%.roundtable.monitor.v1.InstanceReport\x1a-.roundtable.monitor.v1.ReportInstanceResponse\x12w\n\x15GetPerformanceSummary\x12\x33.roundtable.monitor.v1.GetPerformanceSummaryRequest\x1a).roundtable.monitor.v1.PerformanceSummary\x12q\n\x13GetConcurrencyStats\x12\x31.roundtable.monitor.v1.GetConcurrencyStatsRequest\x1a\'.roundtable.monitor.v1.ConcurrencyStats\x12w\n\x15GetPerformanceHistory\x12\x33.roundtable.monitor.v1.GetPerformanceHistoryRequest\x1a).roundtable.monitor.v1.PerformanceHistory\x12\x61\n\nListAlerts\x12(.roundtable.monitor.v1.ListAlertsRequest\x1a).roundtable.monitor.v1.ListAlertsResponse\x12\x62\n\x0bWatchAlerts\x12).roundtable.monitor.v1.WatchAlertsRequest\x1a&.roundtable.monitor.v1.AlertTransition0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'roundtable.monitor.v1.monitor_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ALERTSTATE']._serialized_start=2465
-  _globals['_ALERTSTATE']._serialized_end=2556
+  _globals['_ALERTSTATE']._serialized_start=2498
+  _globals['_ALERTSTATE']._serialized_end=2589
   _globals['_METHODCOUNTERS']._serialized_start=96
   _globals['_METHODCOUNTERS']._serialized_end=261
   _globals['_INSTANCEREPORT']._serialized_start=264
-  _globals['_INSTANCEREPORT']._serialized_end=629
-  _globals['_REPORTINSTANCERESPONSE']._serialized_start=631
-  _globals['_REPORTINSTANCERESPONSE']._serialized_end=655
-  _globals['_GETPERFORMANCESUMMARYREQUEST']._serialized_start=657
-  _globals['_GETPERFORMANCESUMMARYREQUEST']._serialized_end=711
-  _globals['_METHODSUMMARY']._serialized_start=714
-  _globals['_METHODSUMMARY']._serialized_end=876
-  _globals['_PERFORMANCESUMMARY']._serialized_start=878
-  _globals['_PERFORMANCESUMMARY']._serialized_end=996
-  _globals['_GETCONCURRENCYSTATSREQUEST']._serialized_start=998
-  _globals['_GETCONCURRENCYSTATSREQUEST']._serialized_end=1026
-  _globals['_INSTANCECONCURRENCY']._serialized_start=1029
-  _globals['_INSTANCECONCURRENCY']._serialized_end=1281
-  _globals['_CONCURRENCYSTATS']._serialized_start=1284
-  _globals['_CONCURRENCYSTATS']._serialized_end=1466
-  _globals['_GETPERFORMANCEHISTORYREQUEST']._serialized_start=1468
-  _globals['_GETPERFORMANCEHISTORYREQUEST']._serialized_end=1544
-  _globals['_PERFORMANCEPOINT']._serialized_start=1547
-  _globals['_PERFORMANCEPOINT']._serialized_end=1736
-  _globals['_METHODHISTORY']._serialized_start=1738
-  _globals['_METHODHISTORY']._serialized_end=1826
-  _globals['_PERFORMANCEHISTORY']._serialized_start=1828
-  _globals['_PERFORMANCEHISTORY']._serialized_end=1949
-  _globals['_ALERT']._serialized_start=1952
-  _globals['_ALERT']._serialized_end=2222
-  _globals['_LISTALERTSREQUEST']._serialized_start=2224
-  _globals['_LISTALERTSREQUEST']._serialized_end=2243
-  _globals['_LISTALERTSRESPONSE']._serialized_start=2245
-  _globals['_LISTALERTSRESPONSE']._serialized_end=2359
-  _globals['_WATCHALERTSREQUEST']._serialized_start=2361
-  _globals['_WATCHALERTSREQUEST']._serialized_end=2381
-  _globals['_ALERTTRANSITION']._serialized_start=2383
-  _globals['_ALERTTRANSITION']._serialized_end=2463
-  _globals['_MONITORSERVICE']._serialized_start=2559
-  _globals['_MONITORSERVICE']._serialized_end=3235
+  _globals['_INSTANCEREPORT']._serialized_end=662
+  _globals['_REPORTINSTANCERESPONSE']._serialized_start=664
+  _globals['_REPORTINSTANCERESPONSE']._serialized_end=688
+  _globals['_GETPERFORMANCESUMMARYREQUEST']._serialized_start=690
+  _globals['_GETPERFORMANCESUMMARYREQUEST']._serialized_end=744
+  _globals['_METHODSUMMARY']._serialized_start=747
+  _globals['_METHODSUMMARY']._serialized_end=909
+  _globals['_PERFORMANCESUMMARY']._serialized_start=911
+  _globals['_PERFORMANCESUMMARY']._serialized_end=1029
+  _globals['_GETCONCURRENCYSTATSREQUEST']._serialized_start=1031
+  _globals['_GETCONCURRENCYSTATSREQUEST']._serialized_end=1059
+  _globals['_INSTANCECONCURRENCY']._serialized_start=1062
+  _globals['_INSTANCECONCURRENCY']._serialized_end=1314
+  _globals['_CONCURRENCYSTATS']._serialized_start=1317
+  _globals['_CONCURRENCYSTATS']._serialized_end=1499
+  _globals['_GETPERFORMANCEHISTORYREQUEST']._serialized_start=1501
+  _globals['_GETPERFORMANCEHISTORYREQUEST']._serialized_end=1577
+  _globals['_PERFORMANCEPOINT']._serialized_start=1580
+  _globals['_PERFORMANCEPOINT']._serialized_end=1769
+  _globals['_METHODHISTORY']._serialized_start=1771
+  _globals['_METHODHISTORY']._serialized_end=1859
+  _globals['_PERFORMANCEHISTORY']._serialized_start=1861
+  _globals['_PERFORMANCEHISTORY']._serialized_end=1982
+  _globals['_ALERT']._serialized_start=1985
+  _globals['_ALERT']._serialized_end=2255
+  _globals['_LISTALERTSREQUEST']._serialized_start=2257
+  _globals['_LISTALERTSREQUEST']._serialized_end=2276
+  _globals['_LISTALERTSRESPONSE']._serialized_start=2278
+  _globals['_LISTALERTSRESPONSE']._serialized_end=2392
+  _globals['_WATCHALERTSREQUEST']._serialized_start=2394
+  _globals['_WATCHALERTSREQUEST']._serialized_end=2414
+  _globals['_ALERTTRANSITION']._serialized_start=2416
+  _globals['_ALERTTRANSITION']._serialized_end=2496
+  _globals['_MONITORSERVICE']._serialized_start=2592
+  _globals['_MONITORSERVICE']._serialized_end=3268
 # @@protoc_insertion_point(module_scope)

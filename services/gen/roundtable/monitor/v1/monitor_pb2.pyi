@@ -98,16 +98,22 @@ class InstanceReport(_message.Message):
     CPU_PERCENT_FIELD_NUMBER: _builtins.int
     RSS_BYTES_FIELD_NUMBER: _builtins.int
     STARTED_AT_FIELD_NUMBER: _builtins.int
+    SESSION_CAPACITY_SHARED_FIELD_NUMBER: _builtins.int
     instance_id: _builtins.str
     service: _builtins.str
     """"session", "agents" or "monitor"."""
     address: _builtins.str
     active_sessions: _builtins.int
+    """Discussions this instance runs and queues itself: its share of the fleet's, summed across instances."""
     queued_sessions: _builtins.int
     session_capacity: _builtins.int
     live_agent_sets: _builtins.int
     cpu_percent: _builtins.float
     rss_bytes: _builtins.int
+    session_capacity_shared: _builtins.bool
+    """session_capacity is one cap shared by the replicas that report it (their admission lives in Redis):
+    the fleet's capacity counts it once, not once per replica.
+    """
     @_builtins.property
     def reported_at(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -129,10 +135,11 @@ class InstanceReport(_message.Message):
         cpu_percent: _builtins.float = ...,
         rss_bytes: _builtins.int = ...,
         started_at: _timestamp_pb2.Timestamp | None = ...,
+        session_capacity_shared: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["reported_at", b"reported_at", "started_at", b"started_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["active_sessions", b"active_sessions", "address", b"address", "cpu_percent", b"cpu_percent", "instance_id", b"instance_id", "live_agent_sets", b"live_agent_sets", "methods", b"methods", "queued_sessions", b"queued_sessions", "reported_at", b"reported_at", "rss_bytes", b"rss_bytes", "service", b"service", "session_capacity", b"session_capacity", "started_at", b"started_at"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["active_sessions", b"active_sessions", "address", b"address", "cpu_percent", b"cpu_percent", "instance_id", b"instance_id", "live_agent_sets", b"live_agent_sets", "methods", b"methods", "queued_sessions", b"queued_sessions", "reported_at", b"reported_at", "rss_bytes", b"rss_bytes", "service", b"service", "session_capacity", b"session_capacity", "session_capacity_shared", b"session_capacity_shared", "started_at", b"started_at"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
