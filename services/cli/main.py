@@ -17,7 +17,7 @@ from services.cli import logs
 from services.cli.client import DEFAULT_ADDRESS, Connection, cancel, discuss, env, list_discussions, status
 from services.cli.launcher import Addresses, start_suite, stop_suite
 from services.cli.replicas import Fleet, FleetOptions, describe
-from services.monitor import dashboard, report
+from services.cli import dashboard, report
 from services.shared.errors import retry_delay_seconds
 
 DEMO_TOPIC = "人工智能会让大多数工作消失吗？ (Will AI make most jobs disappear?)"

@@ -18,7 +18,7 @@ from prometheus_client import CollectorRegistry
 from rich.console import Console
 
 from services.gen.roundtable.monitor.v1 import monitor_pb2, monitor_pb2_grpc
-from services.monitor import dashboard, report
+from services.cli import dashboard, report
 from services.monitor.service import MonitorService
 from services.monitor.settings import MonitorSettings
 from services.shared.server import ServiceHost
