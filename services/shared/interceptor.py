@@ -7,6 +7,7 @@ import inspect
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from types import TracebackType
 from typing import Any, cast
 
 import grpc
@@ -140,38 +141,13 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
         stats = _MethodMetrics(method, grpc_type)
 
         async def handle(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            stats.started.inc()
-            stats.received.inc()
-            started = time.perf_counter()
-            code = grpc.StatusCode.UNKNOWN
-            try:
-                if self._instance:
-                    context.set_trailing_metadata(self._instance)
-                if guard is not None:
-                    guard.check(context.invocation_metadata())
-                if isinstance(request, Undecodable):
-                    raise request.error
+            async with _Call(method, stats, context) as call:
+                self._admit(request, context, guard)
                 response = await behavior(request, context)
-                code = _final_code(context, grpc.StatusCode.OK)
-                if code is grpc.StatusCode.OK:
+                call.code = _final_code(context, grpc.StatusCode.OK)
+                if call.code is grpc.StatusCode.OK:
                     stats.sent.inc()
                 return response
-            except RoundtableError as error:
-                code = error.code
-                await _abort(context, error)
-            except asyncio.CancelledError:
-                code = grpc.StatusCode.CANCELLED
-                raise
-            except grpc.aio.AbortError:
-                code = _final_code(context, grpc.StatusCode.UNKNOWN)
-                raise
-            except Exception:
-                logger.exception("unhandled error in %s", method)
-                code = grpc.StatusCode.INTERNAL
-                await context.abort(grpc.StatusCode.INTERNAL, "internal error; see the server log")
-            finally:
-                stats.handled(code).inc()
-                stats.seconds.observe(time.perf_counter() - started)
 
         return handle
 
@@ -181,39 +157,60 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
         stats = _MethodMetrics(method, "server_stream")
 
         async def handle(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-            stats.started.inc()
-            stats.received.inc()
-            started = time.perf_counter()
-            code = grpc.StatusCode.UNKNOWN
-            try:
-                if self._instance:
-                    context.set_trailing_metadata(self._instance)
-                if guard is not None:
-                    guard.check(context.invocation_metadata())
-                if isinstance(request, Undecodable):
-                    raise request.error
+            async with _Call(method, stats, context) as call:
+                self._admit(request, context, guard)
                 async for response in behavior(request, context):
                     stats.sent.inc()
                     yield response
-                code = _final_code(context, grpc.StatusCode.OK)
-            except RoundtableError as error:
-                code = error.code
-                await _abort(context, error)
-            except (asyncio.CancelledError, GeneratorExit):
-                code = grpc.StatusCode.CANCELLED
-                raise
-            except grpc.aio.AbortError:
-                code = _final_code(context, grpc.StatusCode.UNKNOWN)
-                raise
-            except Exception:
-                logger.exception("unhandled error in %s", method)
-                code = grpc.StatusCode.INTERNAL
-                await context.abort(grpc.StatusCode.INTERNAL, "internal error; see the server log")
-            finally:
-                stats.handled(code).inc()
-                stats.seconds.observe(time.perf_counter() - started)
+                call.code = _final_code(context, grpc.StatusCode.OK)
 
         return handle
+
+    def _admit(self, request: Any, context: grpc.aio.ServicerContext, guard: ServiceTokenCheck | None) -> None:
+        """Name this replica in the trailers, check the credential, refuse a request that did not parse."""
+        if self._instance:
+            context.set_trailing_metadata(self._instance)
+        if guard is not None:
+            guard.check(context.invocation_metadata())
+        if isinstance(request, Undecodable):
+            raise request.error
+
+
+class _Call:
+    """One RPC, unary or streaming alike: counted and timed, and its errors turned into statuses on the way out."""
+
+    def __init__(self, method: str, stats: _MethodMetrics, context: grpc.aio.ServicerContext) -> None:
+        self._method = method
+        self._stats = stats
+        self._context = context
+        self._started = 0.0
+        # The handler sets OK (or the code it set on the context) when it finished; an error sets its own.
+        self.code = grpc.StatusCode.UNKNOWN
+
+    async def __aenter__(self) -> _Call:
+        self._stats.started.inc()
+        self._stats.received.inc()
+        self._started = time.perf_counter()
+        return self
+
+    async def __aexit__(
+        self, error_type: type[BaseException] | None, error: BaseException | None, traceback: TracebackType | None
+    ) -> None:
+        try:
+            if isinstance(error, RoundtableError):
+                self.code = error.code
+                await _abort(self._context, error)
+            elif isinstance(error, (asyncio.CancelledError, GeneratorExit)):
+                self.code = grpc.StatusCode.CANCELLED
+            elif isinstance(error, grpc.aio.AbortError):
+                self.code = _final_code(self._context, grpc.StatusCode.UNKNOWN)
+            elif isinstance(error, Exception):
+                logger.error("unhandled error in %s", self._method, exc_info=error)
+                self.code = grpc.StatusCode.INTERNAL
+                await self._context.abort(grpc.StatusCode.INTERNAL, "internal error; see the server log")
+        finally:
+            self._stats.handled(self.code).inc()
+            self._stats.seconds.observe(time.perf_counter() - self._started)
 
 
 def _guarded_client_streaming(handler: grpc.RpcMethodHandler, guard: ServiceTokenCheck) -> grpc.RpcMethodHandler:
