@@ -27,11 +27,13 @@ from bench.context import Context, PeakRss
 from bench.promtext import scrape
 from bench.results import Figure, Goal, Sample, Scenario
 from bench.suite import RAISED_CAPS, Suite, start_suite
-from services.cli.replicas import Fleet, FleetOptions, RedisProcess, redis_server_binary
+from services.cli.child import guarded
+from services.cli.replicas import Fleet, FleetOptions
 from services.gen.roundtable.agents.v1 import agents_pb2, agents_pb2_grpc
 from services.gen.roundtable.common.v1 import discussion_pb2
 from services.gen.roundtable.session.v1 import session_pb2
 from services.session.keys import add_key
+from services.shared.processes import RedisProcess, redis_server_binary
 
 DEBATERS = ["科学家", "哲学家", "经济学家"]
 MODERATOR = "主持人"
@@ -428,7 +430,7 @@ async def _storm_sample(ctx: Context, system: str, repeat: int) -> Sample:
         raise RuntimeError("the quota storm needs redis-server: apt-get install redis-server")
     keys_file = workdir / "api_keys.toml"
     heavy_key, light_key = add_key(keys_file, "heavy"), add_key(keys_file, "light")
-    redis = RedisProcess(binary, workdir / "redis")
+    redis = RedisProcess(binary, workdir / "redis", wrap=guarded)
     await redis.start()
     try:
         # First a probe fleet with no quota measures what one discussion costs, so the quota is a true third.

@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
 import pathlib
-import signal
 import sys
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 
-READY_TIMEOUT_SECONDS = 60.0
+from services.shared.processes import Child, start_child, stop_together
+
 SERVER_CORE = 0
 LOAD_CORE = 1
 # Servers run with the checkout's root on their path, so `python -m bench.<baseline>` works from any cwd.
@@ -20,26 +18,8 @@ CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 PAGE_BYTES = os.sysconf("SC_PAGE_SIZE")
 
 
-@dataclass
-class Proc:
-    """One started process: its name, where it listens and where its log goes."""
-
-    name: str
-    process: asyncio.subprocess.Process
-    log_path: pathlib.Path
-    address: str = ""
-    metrics_port: int = -1
-    drain: asyncio.Task[None] | None = None
-
-    @property
-    def pid(self) -> int:
-        """The process id (taskset execs the program, so it is the program's own)."""
-        return self.process.pid
-
-    @property
-    def port(self) -> int:
-        """The gRPC or HTTP port from the address."""
-        return int(self.address.rstrip("/").removesuffix("/v1").rsplit(":", 1)[1])
+# A started benchmark process is the supervisor's child: name, address, metrics port, pid.
+Proc = Child
 
 
 def pin_self(core: int = LOAD_CORE) -> None:
@@ -58,66 +38,23 @@ async def start(
 ) -> Proc:
     """Start `python -m <module_args>` pinned to `core`; wait for its 'listening on' line on stdout."""
     cwd.mkdir(parents=True, exist_ok=True)  # noqa: ASYNC240 - a local directory, before the process starts
-    log_path = cwd / f"{name}.log"
     command = [sys.executable, "-m", *module_args]
     if (os.cpu_count() or 1) > core:
         command = ["taskset", "-c", str(core), *command]
-    with log_path.open("ab") as log:
-        process = await asyncio.create_subprocess_exec(
-            *command,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=log,
-            cwd=cwd,
-            env={**os.environ, "PYTHONPATH": str(REPO_ROOT), **(env or {})},
-            # Its own process group: a Ctrl-C of the bench reaches it only through stop().
-            start_new_session=True,
-        )
-    proc = Proc(name=name, process=process, log_path=log_path)
-    assert process.stdout is not None
-    try:
-        async with asyncio.timeout(READY_TIMEOUT_SECONDS):
-            while True:
-                line = (await process.stdout.readline()).decode()
-                if not line:
-                    tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-20:])
-                    raise RuntimeError(f"{name} exited during start-up (code {await process.wait()}):\n{tail}")
-                if " listening on " in line:
-                    words = line.split()
-                    proc.address = words[words.index("on") + 1]
-                    if "metrics" in words:
-                        proc.metrics_port = int(words[words.index("metrics") + 1])
-                    break
-    except BaseException:
-        await stop([proc], grace_seconds=2)
-        raise
-    proc.drain = asyncio.create_task(_drain(process.stdout), name=f"drain-{name}")
-    return proc
-
-
-async def _drain(stream: asyncio.StreamReader) -> None:
-    while await stream.readline():
-        pass
+    return await start_child(
+        name,
+        command,
+        cwd / f"{name}.log",
+        env={**os.environ, "PYTHONPATH": str(REPO_ROOT), **(env or {})},
+        cwd=cwd,
+        # Its own process group: a Ctrl-C of the bench reaches it only through stop().
+        new_session=True,
+    )
 
 
 async def stop(procs: Iterable[Proc], grace_seconds: float = 15.0) -> None:
     """SIGTERM every process at once (each drains on its own), SIGKILL whatever outlives the grace."""
-    running = list(procs)
-    for proc in reversed(running):
-        if proc.process.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                proc.process.send_signal(signal.SIGTERM)
-    await asyncio.gather(*(_reap(proc, grace_seconds) for proc in running))
-
-
-async def _reap(proc: Proc, grace_seconds: float) -> None:
-    try:
-        await asyncio.wait_for(proc.process.wait(), grace_seconds)
-    except TimeoutError:
-        with contextlib.suppress(ProcessLookupError):
-            proc.process.kill()
-        await proc.process.wait()
-    if proc.drain is not None:
-        proc.drain.cancel()
+    await stop_together(procs, grace_seconds)
 
 
 def cpu_seconds(pids: Iterable[int]) -> float:

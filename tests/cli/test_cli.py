@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import pathlib
-import socket
 import subprocess
 import sys
 
@@ -15,18 +14,8 @@ import pytest
 from services.agents import local_model
 from services.cli.launcher import Addresses, start_suite, stop_suite
 from services.gen.roundtable.agents.v1 import agents_pb2, agents_pb2_grpc
+from services.shared.processes import free_ports
 from tests.agents.test_local_model import skip_unless_installed
-
-
-def _free_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
 
 
 def _service_processes(ports: list[int]) -> list[psutil.Process]:
@@ -41,7 +30,7 @@ def _service_processes(ports: list[int]) -> list[psutil.Process]:
 
 
 def test_up_runs_a_demo_discussion_and_stops_every_service(tmp_path: pathlib.Path) -> None:
-    session, agents, monitor, simulator, m1, m2, m3 = _free_ports(7)
+    session, agents, monitor, simulator, m1, m2, m3 = free_ports(7)
     command = [
         sys.executable,
         "-m",
@@ -73,7 +62,7 @@ def test_up_runs_a_demo_discussion_and_stops_every_service(tmp_path: pathlib.Pat
 
 
 def test_discuss_against_nothing_says_how_to_start_the_suite() -> None:
-    (port,) = _free_ports(1)
+    (port,) = free_ports(1)
     done = subprocess.run(
         [sys.executable, "-m", "services.cli", "--address", f"127.0.0.1:{port}", "discuss", "anyone there?"],
         capture_output=True,
@@ -89,7 +78,7 @@ async def test_auto_falls_back_to_the_simulator_loudly_when_the_local_model_is_m
     tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     monkeypatch.setattr(local_model, "missing", lambda: "the local model is not installed (pretend)")
-    session, agents, monitor, simulator, m1, m2, m3 = _free_ports(7)
+    session, agents, monitor, simulator, m1, m2, m3 = free_ports(7)
     addresses = Addresses(
         session=f"127.0.0.1:{session}",
         agents=f"127.0.0.1:{agents}",
@@ -113,7 +102,7 @@ async def test_local_refuses_to_start_without_the_local_model(
     tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(local_model, "missing", lambda: "the local model is not installed (pretend)")
-    ports = _free_ports(7)
+    ports = free_ports(7)
     addresses = Addresses(
         session=f"127.0.0.1:{ports[0]}",
         agents=f"127.0.0.1:{ports[1]}",
@@ -128,7 +117,7 @@ async def test_local_refuses_to_start_without_the_local_model(
 @pytest.mark.local_model
 def test_up_runs_the_demo_on_the_local_model_when_it_is_installed(tmp_path: pathlib.Path) -> None:
     skip_unless_installed()
-    session, agents, monitor, simulator, local, m1, m2, m3 = _free_ports(8)
+    session, agents, monitor, simulator, local, m1, m2, m3 = free_ports(8)
     command = [
         sys.executable,
         "-m",

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pathlib
-import socket
 
 import grpc
 
@@ -11,20 +10,10 @@ from services.cli.launcher import Addresses, start_suite, stop_suite
 from services.gen.roundtable.agents.v1 import agents_pb2, agents_pb2_grpc
 from services.gen.roundtable.monitor.v1 import monitor_pb2, monitor_pb2_grpc
 from services.gen.roundtable.session.v1 import session_pb2, session_pb2_grpc
+from services.shared.processes import free_ports
 from services.shared.service_auth import INTERNAL_TOKEN_ENV
 
 TOKEN = "a-token-for-the-local-fleet"
-
-
-def free_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for probe in sockets:
-            probe.bind(("127.0.0.1", 0))
-        return [probe.getsockname()[1] for probe in sockets]
-    finally:
-        for probe in sockets:
-            probe.close()
 
 
 async def test_processes_started_with_a_credential_require_it_and_use_it(tmp_path: pathlib.Path) -> None:

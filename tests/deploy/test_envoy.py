@@ -15,7 +15,6 @@ import os
 import pathlib
 import secrets
 import signal
-import socket
 import sys
 import time
 import urllib.request
@@ -44,6 +43,7 @@ from deploy.envoy.config import (
     validate_config,
     write_config,
 )
+from services.shared.processes import free_ports, kill, start_envoy
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 INSTANCE_HEADER = "x-instance-id"
@@ -66,13 +66,6 @@ def require_envoy() -> str:
             pytest.fail(MISSING_ENVOY + " (ROUNDTABLE_REQUIRE_TOOLS=1 makes this a failure)")
         pytest.skip(MISSING_ENVOY)
     return envoy
-
-
-def free_port() -> int:
-    """A loopback port nobody listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 # --- the rendered config ---------------------------------------------------------------------------
@@ -241,8 +234,7 @@ class Backend:
 
     async def kill(self) -> None:
         """SIGKILL, like a crashed pod: no goodbye to Envoy."""
-        self.process.kill()
-        await self.process.wait()
+        await kill(self.process)
 
     def drain(self) -> None:
         """Health turns NOT_SERVING while calls are still answered, like the start of a graceful stop."""
@@ -295,7 +287,7 @@ async def fleet(tmp_path: pathlib.Path, tuning: Tuning = LOCAL_TUNING) -> AsyncI
     envoy = require_envoy()
     backends = {name: await start_backend(name) for name in ("a", "b")}
     ports = [backend.port for backend in backends.values()]
-    session_port, agents_port, admin_port = free_port(), free_port(), free_port()
+    session_port, agents_port, admin_port = free_ports(3)
     topology = local_topology(
         ports,
         ports,
@@ -305,29 +297,22 @@ async def fleet(tmp_path: pathlib.Path, tuning: Tuning = LOCAL_TUNING) -> AsyncI
         tuning=tuning,
     )
     config = write_config(topology, tmp_path / "envoy.json")
-    log = (tmp_path / "envoy.log").open("wb")
-    process = await asyncio.create_subprocess_exec(
+    session_address, agents_address = f"127.0.0.1:{session_port}", f"127.0.0.1:{agents_port}"
+    started = await start_envoy(
         envoy,
-        "-c",
-        str(config),
-        "--disable-hot-restart",
-        "--concurrency",
-        "2",
-        "--log-level",
-        "warn",
-        stdout=log,
-        stderr=log,
+        config,
+        tmp_path / "envoy.log",
+        session_address=session_address,
+        agents_address=agents_address,
+        admin_port=admin_port,
     )
-    proxy = Proxy(process, f"127.0.0.1:{session_port}", f"127.0.0.1:{agents_port}", admin_port)
+    proxy = Proxy(started.process, session_address, agents_address, admin_port)
     try:
         await _wait_until_all_healthy(proxy, ports)
         yield Fleet(proxy, backends)
     finally:
-        for child in [process, *(backend.process for backend in backends.values())]:
-            if child.returncode is None:
-                child.kill()
-                await child.wait()
-        log.close()
+        for child in [started.process, *(backend.process for backend in backends.values())]:
+            await kill(child)
 
 
 async def _wait_until_all_healthy(proxy: Proxy, ports: Iterable[int]) -> None:

@@ -6,7 +6,6 @@ import asyncio
 import json
 import os
 import re
-import socket
 import sys
 import time
 import urllib.parse
@@ -25,6 +24,7 @@ from services.gen.roundtable.monitor.v1 import monitor_pb2, monitor_pb2_grpc
 from services.gen.roundtable.session.v1 import session_pb2
 from services.monitor.service import MonitorService
 from services.monitor.settings import MonitorSettings
+from services.shared.processes import free_port, terminate
 from services.shared.server import ServiceHost
 from tests.deploy.prometheus_tools import require_tool
 from tests.deploy.test_rules import ALERTS
@@ -164,12 +164,6 @@ async def test_alert_rules_read_only_metrics_the_services_export(live: LiveSuite
     assert used <= exported, f"not exported: {sorted(used - exported)}"
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 def handled_invalid_get_discussion(scrape: str) -> float:
     """grpc_server_handled_total of GetDiscussion answered INVALID_ARGUMENT, as one scrape shows it."""
     for family in text_string_to_metric_families(scrape):
@@ -262,11 +256,5 @@ async def test_a_real_prometheus_scrapes_the_suite_and_answers_a_query(live: Liv
         assert sorted(rule["name"] for rule in loaded) == sorted(ALERTS)
         assert {rule["health"] for rule in loaded} <= {"ok", "unknown"}
     finally:
-        if process.returncode is None:
-            process.terminate()
-            try:
-                await asyncio.wait_for(process.wait(), 15)
-            except TimeoutError:
-                process.kill()
-                await process.wait()
+        await terminate(process, grace_seconds=15)
         log.close()

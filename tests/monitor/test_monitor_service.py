@@ -7,7 +7,6 @@ import math
 import os
 import re
 import signal
-import socket
 import sys
 import time
 import urllib.request
@@ -23,6 +22,7 @@ from grpc_status import rpc_status
 from services.gen.roundtable.monitor.v1 import monitor_pb2, monitor_pb2_grpc
 from services.monitor.service import MONITOR_SERVICE_NAME, MonitorService
 from services.monitor.settings import MonitorSettings
+from services.shared.processes import free_port
 from services.shared.server import ServiceHost
 from services.shared.settings import load_settings
 from tests.monitor.fakes import FakeClock, timestamp
@@ -197,12 +197,6 @@ async def test_health_says_serving(channel: grpc.aio.Channel, service: str) -> N
     health = health_pb2_grpc.HealthStub(channel)
     response = await health.Check(health_pb2.HealthCheckRequest(service=service))
     assert response.status == health_pb2.HealthCheckResponse.SERVING
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 async def test_monitor_reports_to_itself_through_the_real_reporter() -> None:

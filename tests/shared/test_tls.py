@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ from pydantic import ValidationError
 from services.gen.roundtable.monitor.v1 import monitor_pb2, monitor_pb2_grpc
 from services.monitor.service import MONITOR_SERVICE_NAME
 from services.monitor.settings import MonitorSettings
+from services.shared.processes import free_port
 from services.shared.server import ServiceHost
 from services.shared.settings import load_settings
 from services.shared.tls import ClientTls, create_channel, server_credentials
@@ -163,12 +163,6 @@ async def test_callers_without_service_settings_use_client_tls(
         ClientTls(tls_ca_file=pki.ca, tls_client_cert_file=pki.client_cert)
     with pytest.raises(ValueError, match="tls_ca_file"):
         ClientTls(tls_client_cert_file=pki.client_cert, tls_client_key_file=pki.client_key)
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 async def test_reporter_reports_over_mtls(pki: Pki, start_monitor: Callable[..., Awaitable[ServiceHost]]) -> None:
