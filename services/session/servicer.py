@@ -266,11 +266,13 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
         deadline = loop.time() + CANCEL_ELSEWHERE_TIMEOUT_SECONDS
         next_request = loop.time()
         while True:
+            heard = 1
             if loop.time() >= next_request:
-                await self._cancel_relay.request(discussion_id)
+                heard = await self._cancel_relay.request(discussion_id)
                 next_request = loop.time() + CANCEL_REPEAT_SECONDS
             found = await self._store.get(discussion_id)
-            if found is None or is_terminal(found.status) or loop.time() >= deadline:
+            # Nobody heard (one replica, or none subscribed): nobody will end it, waiting is pointless.
+            if found is None or is_terminal(found.status) or not heard or loop.time() >= deadline:
                 return found
             await asyncio.sleep(CANCEL_POLL_SECONDS)
 

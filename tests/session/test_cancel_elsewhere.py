@@ -9,8 +9,12 @@ import grpc
 import pytest
 
 from services.gen.roundtable.session.v1 import session_pb2, session_pb2_grpc
+from services.session.auth import ANONYMOUS
+from services.session.ids import IdScope
+from services.session.servicer import CANCEL_ELSEWHERE_TIMEOUT_SECONDS
 from tests.redis_server import redis_server, redis_url  # noqa: F401  (fixtures)
 from tests.session.test_delete_elsewhere import LEASE_TTL_SECONDS, second_replica
+from tests.session.test_store_contract import make_discussion
 from tests.suite import Suite
 
 MakeSuite = Callable[..., Awaitable[Suite]]
@@ -66,3 +70,18 @@ async def test_a_queued_and_a_running_discussion_cancelled_elsewhere_end_cancell
             await other.CancelDiscussion(cancel(discussion_id=replacement.discussion_id), timeout=10)
     finally:
         await other_host.stop(grace_seconds=0)
+
+
+async def test_a_cancel_nobody_can_carry_out_answers_unavailable_at_once(suite: Suite) -> None:
+    """One replica, a running discussion in its store that no runner holds: no replica to ask, no wait."""
+    store = suite.session_service.store
+    doc = make_discussion(0xCA, expires_seconds=int(time.time()) + 3_600)
+    public_id = doc.discussion_id
+    doc.discussion_id = IdScope(await store.id_secret()).store_id(ANONYMOUS, public_id)
+    doc.status = session_pb2.DISCUSSION_STATUS_RUNNING
+    await store.create(ANONYMOUS, doc)
+    started = time.monotonic()
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await suite.session().CancelDiscussion(session_pb2.CancelDiscussionRequest(discussion_id=public_id), timeout=10)
+    assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert time.monotonic() - started < CANCEL_ELSEWHERE_TIMEOUT_SECONDS / 2
