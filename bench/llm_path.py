@@ -550,10 +550,10 @@ async def _storm_fleet_run(
     light_key = submitters[-1][0] if len(submitters) > 1 else ""
     light_ids = [i for i, k in ids.items() if k == light_key]
     light_on_time = sum(1 for i in light_ids if done_at.get(i, float("inf")) <= on_time_at) / max(len(light_ids), 1)
-    admitted = sum(float(k.get("requests_admitted", 0)) for k in _per_key(quota_stats))
-    refused = sum(float(k.get("requests_refused", 0)) for k in _per_key(quota_stats))
+    admitted = sum(_number(k, "requests_admitted") for k in _per_key(quota_stats))
+    refused = sum(_number(k, "requests_refused") for k in _per_key(quota_stats))
     # What the provider kept: charged at admission less the refunds of unused max_tokens.
-    charged = sum(float(k.get("tokens_charged", 0)) - float(k.get("tokens_refunded", 0)) for k in _per_key(quota_stats))
+    charged = sum(_number(k, "tokens_charged") - _number(k, "tokens_refunded") for k in _per_key(quota_stats))
     return {
         "tokens": charged / max(len(ids), 1),
         "failed": float(failed + failed_docs),
@@ -564,6 +564,12 @@ async def _storm_fleet_run(
         "duration": duration,
         "done": float(len(done_at)),
     }
+
+
+def _number(record: dict[str, object], name: str) -> float:
+    """A count in one per-key record of the simulator's quota answer (0 when absent or not a number)."""
+    value = record.get(name, 0)
+    return float(value) if isinstance(value, int | float) else 0.0
 
 
 def _per_key(quota_stats: object) -> list[dict[str, object]]:
