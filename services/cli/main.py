@@ -13,11 +13,10 @@ from typing import Any
 import grpc
 
 from services.agents import local_model
-from services.cli import logs
+from services.cli import dashboard, logs, report
 from services.cli.client import DEFAULT_ADDRESS, Connection, cancel, discuss, env, list_discussions, status
 from services.cli.launcher import Addresses, start_suite, stop_suite
 from services.cli.replicas import Fleet, FleetOptions, describe
-from services.cli import dashboard, report
 from services.shared.errors import retry_delay_seconds
 
 DEMO_TOPIC = "人工智能会让大多数工作消失吗？ (Will AI make most jobs disappear?)"

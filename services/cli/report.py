@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 import grpc
 
-from services.gen.roundtable.monitor.v1 import monitor_pb2, monitor_pb2_grpc
 from services.cli.dashboard import DEFAULT_ADDRESS, monitor_channel, short_method
+from services.gen.roundtable.monitor.v1 import monitor_pb2, monitor_pb2_grpc
 
 # Lines a chart can show before it stops being readable; the busiest methods are drawn.
 MAX_CHARTED_METHODS = 6

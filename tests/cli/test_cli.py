@@ -75,17 +75,13 @@ def test_discuss_against_nothing_says_how_to_start_the_suite() -> None:
 
 
 async def test_auto_falls_back_to_the_simulator_loudly_when_the_local_model_is_missing(
-    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    tmp_path: pathlib.Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    free_addresses: Addresses,
 ) -> None:
     monkeypatch.setattr(local_model, "missing", lambda: "the local model is not installed (pretend)")
-    session, agents, monitor, simulator, m1, m2, m3 = free_ports(7)
-    addresses = Addresses(
-        session=f"127.0.0.1:{session}",
-        agents=f"127.0.0.1:{agents}",
-        monitor=f"127.0.0.1:{monitor}",
-        simulator_port=simulator,
-        metrics_ports=(m1, m2, m3),
-    )
+    addresses = free_addresses
     children = await start_suite(addresses, "auto", "memory", {}, tmp_path / "log")
     try:
         assert [c.name for c in children] == ["simulator", "monitor", "agents", "session"]
@@ -99,19 +95,11 @@ async def test_auto_falls_back_to_the_simulator_loudly_when_the_local_model_is_m
 
 
 async def test_local_refuses_to_start_without_the_local_model(
-    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch, free_addresses: Addresses
 ) -> None:
     monkeypatch.setattr(local_model, "missing", lambda: "the local model is not installed (pretend)")
-    ports = free_ports(7)
-    addresses = Addresses(
-        session=f"127.0.0.1:{ports[0]}",
-        agents=f"127.0.0.1:{ports[1]}",
-        monitor=f"127.0.0.1:{ports[2]}",
-        simulator_port=ports[3],
-        metrics_ports=(ports[4], ports[5], ports[6]),
-    )
     with pytest.raises(RuntimeError, match="pretend"):
-        await start_suite(addresses, "local", "memory", {}, tmp_path / "log")
+        await start_suite(free_addresses, "local", "memory", {}, tmp_path / "log")
 
 
 @pytest.mark.local_model

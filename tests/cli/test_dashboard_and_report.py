@@ -17,8 +17,8 @@ from PIL import Image
 from prometheus_client import CollectorRegistry
 from rich.console import Console
 
-from services.gen.roundtable.monitor.v1 import monitor_pb2, monitor_pb2_grpc
 from services.cli import dashboard, report
+from services.gen.roundtable.monitor.v1 import monitor_pb2, monitor_pb2_grpc
 from services.monitor.service import MonitorService
 from services.monitor.settings import MonitorSettings
 from services.shared.server import ServiceHost

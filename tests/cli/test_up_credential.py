@@ -10,21 +10,15 @@ from services.cli.launcher import Addresses, start_suite, stop_suite
 from services.gen.roundtable.agents.v1 import agents_pb2, agents_pb2_grpc
 from services.gen.roundtable.monitor.v1 import monitor_pb2, monitor_pb2_grpc
 from services.gen.roundtable.session.v1 import session_pb2, session_pb2_grpc
-from services.shared.processes import free_ports
 from services.shared.service_auth import INTERNAL_TOKEN_ENV
 
 TOKEN = "a-token-for-the-local-fleet"
 
 
-async def test_processes_started_with_a_credential_require_it_and_use_it(tmp_path: pathlib.Path) -> None:
-    session, agents, monitor, simulator, m1, m2, m3 = free_ports(7)
-    addresses = Addresses(
-        session=f"127.0.0.1:{session}",
-        agents=f"127.0.0.1:{agents}",
-        monitor=f"127.0.0.1:{monitor}",
-        simulator_port=simulator,
-        metrics_ports=(m1, m2, m3),
-    )
+async def test_processes_started_with_a_credential_require_it_and_use_it(
+    tmp_path: pathlib.Path, free_addresses: Addresses
+) -> None:
+    addresses = free_addresses
     children = await start_suite(addresses, "sim", "memory", {INTERNAL_TOKEN_ENV: TOKEN}, tmp_path / "log")
     try:
         credential = (("authorization", f"Bearer {TOKEN}"),)

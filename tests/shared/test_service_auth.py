@@ -16,10 +16,10 @@ from pydantic import ValidationError
 from rich.console import Console
 
 from services.agents.settings import AgentsSettings
+from services.cli import dashboard, report
 from services.gen.roundtable.agents.v1 import agents_pb2, agents_pb2_grpc
 from services.gen.roundtable.monitor.v1 import monitor_pb2, monitor_pb2_grpc
 from services.gen.roundtable.session.v1 import session_pb2, session_pb2_grpc
-from services.cli import dashboard, report
 from services.monitor.settings import MonitorSettings
 from services.session.settings import SessionSettings
 from services.shared.interceptor import ServerInterceptor
