@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import os
 import pathlib
 import signal
 import socket
@@ -15,6 +14,7 @@ from collections.abc import Iterator
 import pytest
 
 from services.shared.processes import free_port, log_tail, redis_server_binary, write_redis_config
+from tests.tools import require
 
 MISSING = (
     "redis-server not found: install it with `apt-get install redis-server` (Debian) "
@@ -25,12 +25,7 @@ START_TIMEOUT_SECONDS = 10.0
 
 def require_redis_server() -> str:
     """The binary; skips the test (fails it under ROUNDTABLE_REQUIRE_TOOLS=1) when there is none."""
-    binary = redis_server_binary()
-    if binary is None:
-        if os.environ.get("ROUNDTABLE_REQUIRE_TOOLS") == "1":
-            pytest.fail(MISSING + " (ROUNDTABLE_REQUIRE_TOOLS=1 makes this a failure)")
-        pytest.skip(MISSING)
-    return binary
+    return require(redis_server_binary(), MISSING)
 
 
 class RedisServer:

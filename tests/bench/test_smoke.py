@@ -6,14 +6,13 @@ harness still starts every system, drives it and checks the server agrees.
 
 from __future__ import annotations
 
-import os
 import pathlib
+import shutil
 import subprocess
 import sys
 
-import pytest
-
 from bench import h2load
+from tests.tools import require
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 
@@ -31,11 +30,7 @@ def _tiny(scenarios: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_read_scenarios_run_under_h2load_and_are_validated() -> None:
-    if not h2load.available():
-        message = f"h2load is not installed (Debian package {h2load.DEBIAN_PACKAGE})"
-        if os.environ.get("ROUNDTABLE_REQUIRE_TOOLS") == "1":
-            pytest.fail(f"ROUNDTABLE_REQUIRE_TOOLS=1 but {message}")
-        pytest.skip(message)
+    require(shutil.which("h2load"), f"h2load is not installed (Debian package {h2load.DEBIAN_PACKAGE})")
     result = _tiny("reads")
     assert result.returncode == 0, result.stdout + result.stderr
     assert "[get_c10] repeat 1 suite" in result.stdout

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 
-import pytest
+from tests.tools import require
 
 # Debian's `prometheus` package ships both binaries.
 DEBIAN_PACKAGE = {"promtool": "prometheus", "prometheus": "prometheus"}
@@ -13,10 +12,5 @@ DEBIAN_PACKAGE = {"promtool": "prometheus", "prometheus": "prometheus"}
 
 def require_tool(name: str) -> str:
     """The binary's path; skips the test when it is missing, or fails it when ROUNDTABLE_REQUIRE_TOOLS=1."""
-    path = shutil.which(name)
-    if path is None:
-        message = f"{name} not found: install the Debian package with `apt-get install {DEBIAN_PACKAGE[name]}`"
-        if os.environ.get("ROUNDTABLE_REQUIRE_TOOLS") == "1":
-            pytest.fail(f"{message} (ROUNDTABLE_REQUIRE_TOOLS=1 makes this a failure)")
-        pytest.skip(message)
-    return path
+    message = f"{name} not found: install the Debian package with `apt-get install {DEBIAN_PACKAGE[name]}`"
+    return require(shutil.which(name), message)

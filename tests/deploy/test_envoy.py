@@ -11,7 +11,6 @@ import asyncio
 import contextlib
 import dataclasses
 import json
-import os
 import pathlib
 import secrets
 import signal
@@ -44,6 +43,7 @@ from deploy.envoy.config import (
     write_config,
 )
 from services.shared.processes import free_ports, kill, start_envoy
+from tests.tools import require
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 INSTANCE_HEADER = "x-instance-id"
@@ -60,12 +60,7 @@ STREAM_MESSAGES = 4
 
 def require_envoy() -> str:
     """The envoy binary; skips without it, fails under ROUNDTABLE_REQUIRE_TOOLS=1."""
-    envoy = find_envoy()
-    if envoy is None:
-        if os.environ.get("ROUNDTABLE_REQUIRE_TOOLS") == "1":
-            pytest.fail(MISSING_ENVOY + " (ROUNDTABLE_REQUIRE_TOOLS=1 makes this a failure)")
-        pytest.skip(MISSING_ENVOY)
-    return envoy
+    return require(find_envoy(), MISSING_ENVOY)
 
 
 # --- the rendered config ---------------------------------------------------------------------------

@@ -1,7 +1,5 @@
 """The Kubernetes manifests of every environment: schema-valid (kubernetes-validate --strict) and coherent."""
 
-# ruff: noqa: E402  (the project imports follow the check that the dev tools are installed)
-
 from __future__ import annotations
 
 import copy
@@ -19,12 +17,13 @@ from urllib.parse import urlsplit
 
 import pytest
 
-REQUIRE_TOOLS = os.environ.get("ROUNDTABLE_REQUIRE_TOOLS") == "1"
+from tests.tools import require, tools_required
+
 try:
     import kubernetes_validate  # type: ignore[import-untyped]
     import yaml
 except ImportError as missing:  # the dev extras bring both
-    if REQUIRE_TOOLS:
+    if tools_required():
         raise
     pytest.skip(f"{missing.name} not installed: pip install kubernetes-validate PyYAML", allow_module_level=True)
 
@@ -53,15 +52,6 @@ SETTINGS: dict[str, type[ServiceSettings]] = {
     "ROUNDTABLE_MONITOR_": MonitorSettings,
 }
 PROBES = ("startupProbe", "readinessProbe", "livenessProbe")
-
-
-def require(tool: str | None, message: str) -> str:
-    """The tool's path; skips the test without it (fails under ROUNDTABLE_REQUIRE_TOOLS=1)."""
-    if tool is None:
-        if REQUIRE_TOOLS:
-            pytest.fail(message + " (ROUNDTABLE_REQUIRE_TOOLS=1 makes this a failure)")
-        pytest.skip(message)
-    return tool
 
 
 def validate_manifest(document: Manifest, version: str) -> None:
