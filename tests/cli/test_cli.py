@@ -29,8 +29,11 @@ def _service_processes(ports: list[int]) -> list[psutil.Process]:
     return found
 
 
-def test_up_runs_a_demo_discussion_and_stops_every_service(tmp_path: pathlib.Path) -> None:
-    session, agents, monitor, simulator, m1, m2, m3 = free_ports(7)
+def _roundtable_up(
+    tmp_path: pathlib.Path, ports: list[int], flags: list[str], timeout_seconds: float
+) -> subprocess.CompletedProcess[str]:
+    """`roundtable up` on session, agents, monitor, simulator and three metrics ports, in tmp_path, until it exits."""
+    session, agents, monitor, simulator, m1, m2, m3 = ports
     command = [
         sys.executable,
         "-m",
@@ -41,13 +44,17 @@ def test_up_runs_a_demo_discussion_and_stops_every_service(tmp_path: pathlib.Pat
         "--monitor-port", str(monitor),
         "--simulator-port", str(simulator),
         "--metrics-ports", f"{m1},{m2},{m3}",
-        "--llm", "sim",
-        "--demo", "Is a hot dog a sandwich?",
-        "--rounds", "2",
-        "--exit-after-demo",
+        *flags,
     ]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(pathlib.Path(__file__).resolve().parents[2])}
-    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    return subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout_seconds)
+
+
+def test_up_runs_a_demo_discussion_and_stops_every_service(tmp_path: pathlib.Path) -> None:
+    ports = free_ports(7)
+    session, agents, monitor, simulator = ports[:4]
+    flags = ["--llm", "sim", "--demo", "Is a hot dog a sandwich?", "--rounds", "2", "--exit-after-demo"]
+    done = _roundtable_up(tmp_path, ports, flags, timeout_seconds=120)
     assert done.returncode == 0, done.stdout + done.stderr
     out = done.stdout
     assert f"session    127.0.0.1:{session}" in out
@@ -105,26 +112,11 @@ async def test_local_refuses_to_start_without_the_local_model(
 @pytest.mark.local_model
 def test_up_runs_the_demo_on_the_local_model_when_it_is_installed(tmp_path: pathlib.Path) -> None:
     skip_unless_installed()
-    session, agents, monitor, simulator, local, m1, m2, m3 = free_ports(8)
-    command = [
-        sys.executable,
-        "-m",
-        "services.cli",
-        "up",
-        "--session-port", str(session),
-        "--agents-port", str(agents),
-        "--monitor-port", str(monitor),
-        "--simulator-port", str(simulator),
-        "--local-model-port", str(local),
-        "--metrics-ports", f"{m1},{m2},{m3}",
-        "--store", "memory",
-        "--max-tokens", "24",
-        "--demo", "Is a hot dog a sandwich?",
-        "--rounds", "1",
-        "--exit-after-demo",
-    ]  # fmt: skip
-    env = {**os.environ, "PYTHONPATH": str(pathlib.Path(__file__).resolve().parents[2])}
-    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
+    *ports, local = free_ports(8)
+    session, agents, monitor, simulator = ports[:4]
+    flags = ["--local-model-port", str(local), "--store", "memory", "--max-tokens", "24"]
+    flags += ["--demo", "Is a hot dog a sandwich?", "--rounds", "1", "--exit-after-demo"]
+    done = _roundtable_up(tmp_path, ports, flags, timeout_seconds=240)
     assert done.returncode == 0, done.stdout + done.stderr
     out = done.stdout
     assert "local model answered the one-token check" in out
