@@ -1,9 +1,9 @@
 """The scenarios of issue 7 by name, and the loop that runs them; each scenario lives in a module of its own.
 
 reads.py, bursts.py, holds.py, soak.py, ablation.py and llm_path.py: each runs baseline and candidate
-back to back, repeat after repeat (A B A B …). Every repeat is printed as it finishes, and validated by the server's own counts:
-a run whose counts disagree with what the client saw is marked invalid, never
-silently averaged in.
+back to back, repeat after repeat (A B A B …). Every repeat is printed as it finishes, and validated
+by the server's own counts: a run whose counts disagree with what the client saw is marked invalid,
+never silently averaged in.
 """
 
 from __future__ import annotations
