@@ -13,7 +13,7 @@ from services.session.auth import ANONYMOUS
 from services.session.ids import IdScope
 from services.session.servicer import CANCEL_ELSEWHERE_TIMEOUT_SECONDS
 from tests.redis_server import redis_server, redis_url  # noqa: F401  (fixtures)
-from tests.session.test_delete_elsewhere import LEASE_TTL_SECONDS, second_replica
+from tests.session.test_delete_elsewhere import one_slot_suite_on_redis, second_replica
 from tests.session.test_store_contract import make_discussion
 from tests.suite import Suite
 
@@ -25,16 +25,7 @@ async def test_a_queued_and_a_running_discussion_cancelled_elsewhere_end_cancell
     make_suite: MakeSuite,
     redis_url: str,  # noqa: F811
 ) -> None:
-    suite = await make_suite(
-        session={
-            "store": "redis",
-            "redis_url": redis_url,
-            "max_concurrent_sessions": 1,
-            "max_queued_sessions": 1,
-            "lease_ttl_seconds": LEASE_TTL_SECONDS,
-        },
-        simulator={"first_token_latency_ms": 2000},
-    )
+    suite = await one_slot_suite_on_redis(make_suite, redis_url, max_queued_sessions=1)
     other_host = await second_replica(suite)
     try:
         async with grpc.aio.insecure_channel(other_host.address) as channel:

@@ -20,6 +20,20 @@ MakeSuite = Callable[..., Awaitable[Suite]]
 LEASE_TTL_SECONDS = 1.5  # the owner renews every 0.5 s
 
 
+async def one_slot_suite_on_redis(make_suite: MakeSuite, url: str, *, max_queued_sessions: int) -> Suite:
+    """A suite on Redis with one running slot, a short lease and a slow LLM: discussions stay put while tested."""
+    return await make_suite(
+        session={
+            "store": "redis",
+            "redis_url": url,
+            "max_concurrent_sessions": 1,
+            "max_queued_sessions": max_queued_sessions,
+            "lease_ttl_seconds": LEASE_TTL_SECONDS,
+        },
+        simulator={"first_token_latency_ms": 2000},
+    )
+
+
 async def second_replica(suite: Suite) -> ServiceHost:
     """Another session replica beside the suite's, on the same Redis and agent service."""
     settings = suite.session_host.settings
@@ -34,16 +48,7 @@ async def test_a_delete_through_another_replica_stops_the_runner_and_frees_the_s
     make_suite: MakeSuite,
     redis_url: str,  # noqa: F811
 ) -> None:
-    suite = await make_suite(
-        session={
-            "store": "redis",
-            "redis_url": redis_url,
-            "max_concurrent_sessions": 1,
-            "max_queued_sessions": 0,
-            "lease_ttl_seconds": LEASE_TTL_SECONDS,
-        },
-        simulator={"first_token_latency_ms": 2000},
-    )
+    suite = await one_slot_suite_on_redis(make_suite, redis_url, max_queued_sessions=0)
     other_host = await second_replica(suite)
     try:
         async with grpc.aio.insecure_channel(other_host.address) as channel:
@@ -94,16 +99,7 @@ async def test_a_delete_through_another_replica_takes_a_queued_discussion_out_of
     make_suite: MakeSuite,
     redis_url: str,  # noqa: F811
 ) -> None:
-    suite = await make_suite(
-        session={
-            "store": "redis",
-            "redis_url": redis_url,
-            "max_concurrent_sessions": 1,
-            "max_queued_sessions": 1,
-            "lease_ttl_seconds": LEASE_TTL_SECONDS,
-        },
-        simulator={"first_token_latency_ms": 2000},
-    )
+    suite = await one_slot_suite_on_redis(make_suite, redis_url, max_queued_sessions=1)
     other_host = await second_replica(suite)
     try:
         async with grpc.aio.insecure_channel(other_host.address) as channel:
