@@ -19,7 +19,7 @@ import time
 
 from services.gen.roundtable.common.v1 import discussion_pb2
 from services.gen.roundtable.session.v1 import session_pb2
-from services.session.sqlite_store import SqliteStore
+from services.session.stores.sqlite import SqliteStore
 
 AGENTS = ("scientist", "economist", "engineer")
 ROUNDS = 2

@@ -8,7 +8,7 @@ import time
 
 from services.session.metrics import DISCUSSIONS_EXPIRED
 from services.session.runner import DiscussionRunner
-from services.session.store import Store
+from services.session.stores.interface import Store
 from services.shared.session_logs import remove_session_log
 
 logger = logging.getLogger(__name__)

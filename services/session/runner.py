@@ -34,7 +34,7 @@ from services.session.metrics import (
     DISCUSSIONS_QUEUED,
 )
 from services.session.notifier import EventNotifier
-from services.session.store import TERMINAL_STATUSES, Store
+from services.session.stores.interface import TERMINAL_STATUSES, Store
 from services.shared.logs import session_context
 
 logger = logging.getLogger(__name__)

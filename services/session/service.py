@@ -15,22 +15,22 @@ from services.session.cancel_relay import CancelRelay, LocalCancelRelay
 from services.session.document import apply_event
 from services.session.expiry import ExpirySweeper
 from services.session.ids import IdScope
-from services.session.memory_store import MemoryStore
 from services.session.memory_watch import MemoryWatch
 from services.session.metrics import DISCUSSION_CAPACITY
 from services.session.notifier import EventNotifier
 from services.session.personas import PersonaCatalog
 from services.session.rate_limit import NoRateLimit, RateLimiter, WindowRateLimiter
-from services.session.redis_admission import RedisAdmission
-from services.session.redis_cancel_relay import RedisCancelRelay
-from services.session.redis_connection import connect as connect_redis
-from services.session.redis_rate_limit import RedisRateLimiter
-from services.session.redis_store import RedisStore
+from services.session.redis.admission import RedisAdmission
+from services.session.redis.cancel_relay import RedisCancelRelay
+from services.session.redis.connection import connect as connect_redis
+from services.session.redis.rate_limit import RedisRateLimiter
 from services.session.runner import SUSPEND, DiscussionRunner
 from services.session.servicer import CANCEL_REASON, SessionServicer
 from services.session.settings import SessionSettings
-from services.session.sqlite_store import SqliteStore
-from services.session.store import UNFINISHED_STATUSES, Store
+from services.session.stores.interface import UNFINISHED_STATUSES, Store
+from services.session.stores.memory import MemoryStore
+from services.session.stores.redis import RedisStore
+from services.session.stores.sqlite import SqliteStore
 from services.shared.client import client_interceptors, dependency_health_check
 from services.shared.health import HealthCheck, ping_check
 from services.shared.reporter import InstanceLoad

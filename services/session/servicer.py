@@ -24,7 +24,7 @@ from services.session.personas import PersonaCatalog
 from services.session.rate_limit import RateLimiter
 from services.session.runner import DiscussionRunner, is_terminal, now_timestamp
 from services.session.settings import MAX_DISCUSSION_TIMEOUT_SECONDS, SessionSettings
-from services.session.store import (
+from services.session.stores.interface import (
     UNFINISHED_STATUSES,
     DiscussionExists,
     InvalidPageToken,

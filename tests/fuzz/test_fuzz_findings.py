@@ -186,7 +186,7 @@ async def test_performance_totals_beyond_uint64_do_not_break_the_monitor() -> No
 
 @pytest.mark.parametrize("created", [10**20, -(10**20), 2**63])
 async def test_page_token_with_an_out_of_range_time_is_invalid_argument(created: int, fuzz_suite: Suite) -> None:
-    # Observed: INTERNAL; the log has services/session/sqlite_store.py, in list_page:
+    # Observed: INTERNAL; the log has services/session/stores/sqlite.py, in list_page:
     #   OverflowError: Python int too large to convert to SQLite INTEGER
     # decode_page_token accepts any integer; only ValueError/UnicodeError become InvalidPageToken.
     token = base64.urlsafe_b64encode(f"{created}:{'0' * 32}".encode()).decode()

@@ -31,8 +31,8 @@ from services.gen.roundtable.common.v1 import discussion_pb2
 from services.gen.roundtable.session.v1 import session_pb2, session_pb2_grpc
 from services.session.auth import ANONYMOUS
 from services.session.ids import IdScope
-from services.session.redis_connection import connect
-from services.session.redis_store import RedisStore
+from services.session.redis.connection import connect
+from services.session.stores.redis import RedisStore
 from tests.scaleout.conftest import LEASE_TTL_SECONDS
 
 logger = logging.getLogger(__name__)

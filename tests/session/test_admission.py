@@ -19,8 +19,8 @@ from services.session.admission import (
     MemoryAdmission,
     WaitingCallers,
 )
-from services.session.redis_admission import RedisAdmission
-from services.session.redis_connection import Client, connect
+from services.session.redis.admission import RedisAdmission
+from services.session.redis.connection import Client, connect
 from services.shared.errors import ResourceExhausted
 from tests.redis_server import redis_server, redis_url  # noqa: F401  (fixtures the redis case uses)
 

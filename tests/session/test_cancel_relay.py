@@ -8,8 +8,8 @@ from collections.abc import Iterator
 import pytest
 
 from services.session.cancel_relay import LocalCancelRelay
-from services.session.redis_cancel_relay import LISTEN_TIMEOUT_SECONDS, RedisCancelRelay
-from services.session.redis_connection import connect
+from services.session.redis.cancel_relay import LISTEN_TIMEOUT_SECONDS, RedisCancelRelay
+from services.session.redis.connection import connect
 from tests.redis_server import RedisServer, running_redis
 
 # As the session service connects: one Redis command may take at most this long.

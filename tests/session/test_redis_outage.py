@@ -10,10 +10,10 @@ from typing import Any
 
 import pytest
 
-from services.session.redis_admission import RedisAdmission
-from services.session.redis_connection import RedisUnavailable, connect
-from services.session.redis_rate_limit import RedisRateLimiter
-from services.session.redis_store import RedisStore
+from services.session.redis.admission import RedisAdmission
+from services.session.redis.connection import RedisUnavailable, connect
+from services.session.redis.rate_limit import RedisRateLimiter
+from services.session.stores.redis import RedisStore
 from tests.redis_server import RedisServer, running_redis
 from tests.session.test_store_contract import ALICE, ALL, BOB, COMPLETED, discussion_id, event, make_discussion
 

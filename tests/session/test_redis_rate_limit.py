@@ -8,8 +8,8 @@ from collections.abc import AsyncIterator
 import pytest
 
 from services.session.rate_limit import RateLimiter, WindowRateLimiter
-from services.session.redis_connection import Client, connect
-from services.session.redis_rate_limit import RedisRateLimiter
+from services.session.redis.connection import Client, connect
+from services.session.redis.rate_limit import RedisRateLimiter
 from services.shared.errors import ResourceExhausted
 from tests.redis_server import redis_server, redis_url  # noqa: F401  (fixtures)
 

@@ -12,10 +12,10 @@ from redis.crc import key_slot
 
 from services.gen.roundtable.session.v1 import session_pb2
 from services.session import redis_connection
-from services.session.redis_admission import RedisAdmission
-from services.session.redis_connection import Client, Script, connect
-from services.session.redis_rate_limit import RedisRateLimiter
-from services.session.redis_store import RedisStore
+from services.session.redis.admission import RedisAdmission
+from services.session.redis.connection import Client, Script, connect
+from services.session.redis.rate_limit import RedisRateLimiter
+from services.session.stores.redis import RedisStore
 from services.shared.errors import RoundtableError
 from tests.redis_server import redis_server, redis_url  # noqa: F401  (fixtures)
 from tests.session.test_store_contract import ALICE, ALL, BOB, COMPLETED, discussion_id, event, make_discussion

@@ -13,12 +13,12 @@ import pytest
 import redis.asyncio as redis
 
 from services.gen.roundtable.session.v1 import session_pb2
-from services.session.redis_admission import RedisAdmission
-from services.session.redis_connection import connect
-from services.session.redis_rate_limit import RedisRateLimiter
-from services.session.redis_store import RedisStore
+from services.session.redis.admission import RedisAdmission
+from services.session.redis.connection import connect
+from services.session.redis.rate_limit import RedisRateLimiter
 from services.session.service import SessionService
 from services.session.settings import SessionSettings
+from services.session.stores.redis import RedisStore
 from services.shared.server import ServiceHost
 from tests.redis_server import redis_server, redis_url, running_redis  # noqa: F401  (fixtures)
 from tests.suite import Suite, run_to_end

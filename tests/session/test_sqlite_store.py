@@ -10,8 +10,8 @@ from collections.abc import Iterator
 import pytest
 
 from services.gen.roundtable.session.v1 import session_pb2
-from services.session.sqlite_store import SqliteStore
-from services.session.store import DiscussionExists
+from services.session.stores.interface import DiscussionExists
+from services.session.stores.sqlite import SqliteStore
 from tests.session.test_store_contract import ALICE, BOB, discussion_id, event, make_discussion
 
 DISCUSSIONS = 200

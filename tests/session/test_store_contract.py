@@ -12,11 +12,11 @@ import pytest
 
 from services.gen.roundtable.common.v1 import discussion_pb2
 from services.gen.roundtable.session.v1 import session_pb2
-from services.session.memory_store import MemoryStore
-from services.session.redis_connection import connect
-from services.session.redis_store import RedisStore
-from services.session.sqlite_store import SqliteStore
-from services.session.store import DiscussionExists, DiscussionStatus, InvalidPageToken, Store
+from services.session.redis.connection import connect
+from services.session.stores.interface import DiscussionExists, DiscussionStatus, InvalidPageToken, Store
+from services.session.stores.memory import MemoryStore
+from services.session.stores.redis import RedisStore
+from services.session.stores.sqlite import SqliteStore
 from tests.redis_server import redis_server, redis_url  # noqa: F401  (fixtures the redis case uses)
 
 RUNNING = session_pb2.DISCUSSION_STATUS_RUNNING

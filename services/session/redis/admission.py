@@ -32,7 +32,7 @@ import socket
 from typing import Any
 
 from services.session.admission import INITIAL_DURATION_SECONDS, WaitingCallers
-from services.session.redis_connection import Client, EncodableArg, RedisUnavailable, Script, unavailable_on_failure
+from services.session.redis.connection import Client, EncodableArg, RedisUnavailable, Script, unavailable_on_failure
 from services.shared.errors import ResourceExhausted
 
 logger = logging.getLogger(__name__)

@@ -8,7 +8,7 @@ import secrets
 
 from services.gen.roundtable.session.v1 import session_pb2
 from services.session.ids import SECRET_BYTES
-from services.session.store import (
+from services.session.stores.interface import (
     POLL_SECONDS,
     UNFINISHED_STATUSES,
     Discussion,

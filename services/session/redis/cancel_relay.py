@@ -8,7 +8,7 @@ import logging
 from typing import Any
 
 from services.session.cancel_relay import CancelHandler
-from services.session.redis_connection import Client, unavailable_on_failure
+from services.session.redis.connection import Client, unavailable_on_failure
 
 logger = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ call. The bucket holds a minute's units and refills continuously, so a burst of
 
 from __future__ import annotations
 
-from services.session.redis_connection import Client, Script, unavailable_on_failure
+from services.session.redis.connection import Client, Script, unavailable_on_failure
 from services.shared.errors import ResourceExhausted
 
 MICROSECONDS_PER_MINUTE = 60_000_000

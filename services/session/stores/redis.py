@@ -33,7 +33,7 @@ from redis.asyncio.client import Pipeline
 
 from services.gen.roundtable.session.v1 import session_pb2
 from services.session.ids import SECRET_BYTES
-from services.session.redis_connection import (
+from services.session.redis.connection import (
     Client,
     EncodableArg,
     Script,
@@ -42,7 +42,7 @@ from services.session.redis_connection import (
     load_scripts,
     unavailable_on_failure,
 )
-from services.session.store import (
+from services.session.stores.interface import (
     UNFINISHED_STATUSES,
     Discussion,
     DiscussionEvent,
@@ -222,7 +222,7 @@ class RedisStore:
 
     @classmethod
     async def open(cls, client: Client, *, key_prefix: str = "rt") -> RedisStore:
-        """A store on `client` (redis_connection.connect), scripts loaded; RedisUnavailable if Redis does not answer."""
+        """A store on `client` (redis.connection.connect), scripts loaded; RedisUnavailable if Redis does not answer."""
         store = cls(client, key_prefix=key_prefix)
         with unavailable_on_failure("open"):
             await load_scripts(client, SCRIPTS)

@@ -1,0 +1,1 @@
+"""Where discussions and their events live: one interface (interface.py), three implementations."""
