@@ -7,7 +7,7 @@ INSTALLED := $(VENV)/.installed
 LLM ?= auto
 TOPIC ?=
 
-.PHONY: run test lint protos check-protos setup clean local-model bench bench-smoke
+.PHONY: run test lint protos check-protos contract-release setup clean local-model bench bench-smoke
 
 $(INSTALLED): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -42,6 +42,11 @@ check-protos: protos
 	  changed=$$(git status --porcelain -- services/gen); \
 	  if [ -n "$$changed" ]; then echo "services/gen is stale; run 'make protos' and commit:"; echo "$$changed"; exit 1; fi; \
 	fi
+
+## Records protos/ as the released contract: `buf breaking` (tests/contract, in make test) holds later changes to it.
+contract-release: setup
+	$(BIN)/buf lint protos
+	$(BIN)/buf build protos --exclude-source-info -o protos/released/roundtable.binpb
 
 lint: setup
 	$(BIN)/ruff check .
