@@ -1,0 +1,68 @@
+"""Roundtable's Python client: `async with Client() as client: async for event in client.discuss(topic): …`."""
+
+from roundtable_client.client import DEFAULT_ADDRESS, Client, Discussion, Tls
+from roundtable_client.errors import (
+    AlreadyExists,
+    Cancelled,
+    DeadlineExceeded,
+    FailedPrecondition,
+    FieldViolation,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    QuotaViolation,
+    ResourceExhausted,
+    RoundtableError,
+    Unauthenticated,
+    Unavailable,
+)
+from roundtable_client.events import (
+    AgentCompleted,
+    AgentDelta,
+    AgentFailed,
+    AgentStarted,
+    BaseEvent,
+    DiscussionStatus,
+    Event,
+    RoundCompleted,
+    StatusChanged,
+    SummaryCompleted,
+    TokenUsage,
+)
+from roundtable_client.retry import NO_RETRY, Retry, RetryPolicy
+from roundtable_client.sync import SyncClient
+
+__all__ = [
+    "DEFAULT_ADDRESS",
+    "NO_RETRY",
+    "AgentCompleted",
+    "AgentDelta",
+    "AgentFailed",
+    "AgentStarted",
+    "AlreadyExists",
+    "BaseEvent",
+    "Cancelled",
+    "Client",
+    "DeadlineExceeded",
+    "Discussion",
+    "DiscussionStatus",
+    "Event",
+    "FailedPrecondition",
+    "FieldViolation",
+    "InvalidArgument",
+    "NotFound",
+    "PermissionDenied",
+    "QuotaViolation",
+    "ResourceExhausted",
+    "Retry",
+    "RetryPolicy",
+    "RoundCompleted",
+    "RoundtableError",
+    "StatusChanged",
+    "SummaryCompleted",
+    "SyncClient",
+    "Tls",
+    "TokenUsage",
+    "Unauthenticated",
+    "Unavailable",
+]
