@@ -9,10 +9,12 @@ TOPIC ?=
 
 .PHONY: run test lint protos check-protos contract-release setup clean local-model bench bench-smoke
 
-$(INSTALLED): pyproject.toml
+# The client SDK (clients/python, importable as roundtable_client) is its own distribution; the CLI uses it.
+$(INSTALLED): pyproject.toml clients/python/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install --quiet -e clients/python
 	touch $@
 
 setup: $(INSTALLED)
@@ -32,15 +34,15 @@ else ifeq ($(LLM),auto)
 endif
 	$(BIN)/roundtable up --llm $(LLM) --demo $(if $(TOPIC),"$(TOPIC)")
 
-## Regenerates services/gen from protos/.
+## Regenerates services/gen and the client SDK's roundtable_client/_gen from protos/.
 protos: setup
 	$(BIN)/python scripts/gen_protos.py 2>/dev/null
 
 ## Fails when the committed generated code differs from what protos/ generates.
 check-protos: protos
 	@if git rev-parse --git-dir >/dev/null 2>&1; then \
-	  changed=$$(git status --porcelain -- services/gen); \
-	  if [ -n "$$changed" ]; then echo "services/gen is stale; run 'make protos' and commit:"; echo "$$changed"; exit 1; fi; \
+	  changed=$$(git status --porcelain -- services/gen clients/python/roundtable_client/_gen); \
+	  if [ -n "$$changed" ]; then echo "generated code is stale; run 'make protos' and commit:"; echo "$$changed"; exit 1; fi; \
 	fi
 
 ## Records protos/ as the released contract: `buf breaking` (tests/contract, in make test) holds later changes to it.
