@@ -8,7 +8,21 @@ from typing import Any
 
 import pytest
 
+from services.agents import local_model
+from services.shared.tools import IGNORE_SYSTEM_TOOLS_ENV, system_tools_ignored
 from tests.suite import Suite, start_suite
+from tests.tools import missing_tools_notice
+
+
+def pytest_report_header(config: pytest.Config) -> list[str]:
+    """Once, at the top of the run: the tools (and the local model) this machine lacks and how to install them."""
+    lines = missing_tools_notice()
+    if system_tools_ignored():
+        lines.append(f"  ({IGNORE_SYSTEM_TOOLS_ENV}=1: tools on PATH are ignored, as on a fresh machine)")
+    model_missing = local_model.missing()
+    if model_missing is not None:
+        lines.append(f"{model_missing} (its tests skip)")
+    return lines
 
 
 @pytest.fixture(scope="session")

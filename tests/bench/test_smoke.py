@@ -7,12 +7,10 @@ harness still starts every system, drives it and checks the server agrees.
 from __future__ import annotations
 
 import pathlib
-import shutil
 import subprocess
 import sys
 
-from bench import h2load
-from tests.tools import require
+from tests.tools import require_tool
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 
@@ -30,7 +28,7 @@ def _tiny(scenarios: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_read_scenarios_run_under_h2load_and_are_validated() -> None:
-    require(shutil.which("h2load"), f"h2load is not installed (Debian package {h2load.DEBIAN_PACKAGE})")
+    require_tool("h2load")
     result = _tiny("reads")
     assert result.returncode == 0, result.stdout + result.stderr
     assert "[get_c10] repeat 1 suite" in result.stdout

