@@ -7,7 +7,7 @@ INSTALLED := $(VENV)/.installed
 LLM ?= auto
 TOPIC ?=
 
-.PHONY: run test lint protos check-protos contract-release setup clean local-model bench bench-smoke
+.PHONY: run test lint protos check-protos contract-release setup clean local-model peers bench bench-smoke
 
 # The client SDK (clients/python, importable as roundtable_client) is its own distribution; the CLI uses it.
 $(INSTALLED): pyproject.toml clients/python/pyproject.toml
@@ -58,8 +58,13 @@ lint: setup
 test: setup check-protos lint
 	$(BIN)/python -m pytest
 
+## The bench's peer systems (AutoGen 0.7.5's gRPC runtime) in a virtualenv of their own outside the repo
+## (~/.cache/roundtable/peers-venv): they pin an older grpcio and protobuf than the project's.
+peers:
+	scripts/install_peers.sh
+
 ## Benchmarks against same-run baselines (~35 min); rewrites docs/benchmarks.md and docs/img/.
-bench: setup
+bench: setup peers
 	$(BIN)/python -m bench run
 
 ## Every benchmark scenario at toy size (<= 2 min): checks that each ran and was validated, not speed.
