@@ -11,7 +11,7 @@ import pytest
 from services.agents import local_model
 from services.shared.tools import IGNORE_SYSTEM_TOOLS_ENV, system_tools_ignored
 from tests.suite import Suite, start_suite
-from tests.tools import missing_tools_notice
+from tests.tools import REQUIRE_TOOLS_ENV, missing_tools_notice, tools_required
 
 
 def pytest_report_header(config: pytest.Config) -> list[str]:
@@ -23,6 +23,17 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
     if model_missing is not None:
         lines.append(f"{model_missing} (its tests skip)")
     return lines
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Under ROUNDTABLE_REQUIRE_TOOLS=1 (CI, every tool installed) a skipped test fails the run: all must run."""
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if not tools_required() or exitstatus != pytest.ExitCode.OK or reporter is None:
+        return
+    skipped = len(reporter.stats.get("skipped", []))
+    if skipped:
+        reporter.write_line(f"{REQUIRE_TOOLS_ENV}=1 but {skipped} test(s) skipped: every test must run here", red=True)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 @pytest.fixture(scope="session")

@@ -127,3 +127,33 @@ def test_the_test_run_opens_with_the_notice_once() -> None:
     assert header.count("sudo apt-get install nghttp2-client prometheus") == 1
     assert run.stdout.count("apt-get install") == 1
     assert f"{IGNORE_SYSTEM_TOOLS_ENV}=1" in header
+
+
+def _run_a_skipping_test(tmp_path: pathlib.Path, **environment: str) -> subprocess.CompletedProcess[str]:
+    """pytest, with this suite's conftest hooks, on one test that passes and one that skips."""
+    test_file = tmp_path / "test_one_skips.py"
+    test_file.write_text(
+        "import pytest\n\ndef test_runs():\n    pass\n\ndef test_skips():\n    pytest.skip('no tool')\n"
+    )
+    hooks = ("-p", "tests.conftest", "-p", "no:cacheprovider")
+    return subprocess.run(
+        [sys.executable, "-m", "pytest", *hooks, "--rootdir", str(tmp_path), str(test_file)],
+        cwd=ROOT,
+        env={**os.environ, **environment},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+def test_a_skip_fails_the_run_when_tools_are_required(tmp_path: pathlib.Path) -> None:
+    run = _run_a_skipping_test(tmp_path, **{REQUIRE_TOOLS_ENV: "1"})
+    assert run.returncode == pytest.ExitCode.TESTS_FAILED, run.stdout + run.stderr
+    assert f"{REQUIRE_TOOLS_ENV}=1 but 1 test(s) skipped" in run.stdout
+
+
+def test_a_skip_is_only_a_skip_elsewhere(tmp_path: pathlib.Path) -> None:
+    run = _run_a_skipping_test(tmp_path, **{REQUIRE_TOOLS_ENV: "0"})
+    assert run.returncode == pytest.ExitCode.OK, run.stdout + run.stderr
+    assert "1 passed, 1 skipped" in run.stdout

