@@ -35,10 +35,14 @@ async def start(
     core: int,
     cwd: pathlib.Path,
     env: dict[str, str] | None = None,
+    python: str = sys.executable,
 ) -> Proc:
-    """Start `python -m <module_args>` pinned to `core`; wait for its 'listening on' line on stdout."""
+    """Start `python -m <module_args>` pinned to `core`; wait for its 'listening on' line on stdout.
+
+    `python` is the interpreter: the project's own, or a peer system's virtualenv (bench/peer_autogen_system.py).
+    """
     cwd.mkdir(parents=True, exist_ok=True)  # noqa: ASYNC240 - a local directory, before the process starts
-    command = [sys.executable, "-m", *module_args]
+    command = [python, "-m", *module_args]
     if (os.cpu_count() or 1) > core:
         command = ["taskset", "-c", str(core), *command]
     return await start_child(
