@@ -17,6 +17,7 @@ from bench.ablation import ablation
 from bench.bursts import bursts, sim_bursts
 from bench.context import Context
 from bench.holds import holds
+from bench.peers import peers
 from bench.reads import reads
 from bench.results import Scenario, median, spread
 from bench.soak import soak
@@ -32,6 +33,7 @@ SCENARIOS: dict[str, Callable[[Context], object]] = {
     "llm_calls": llm_path.llm_calls,
     "llm_discussions": llm_path.llm_discussions,
     "quota_storm": llm_path.quota_storm,
+    "peers": peers,
 }
 
 
