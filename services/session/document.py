@@ -2,11 +2,46 @@
 
 from __future__ import annotations
 
-from services.gen.roundtable.agents.v1 import agents_pb2
+from typing import TypeAlias
+
+from google.protobuf import timestamp_pb2
+
 from services.gen.roundtable.common.v1 import discussion_pb2
 from services.gen.roundtable.session.v1 import session_pb2
 
 AgentStatus = discussion_pb2.AgentStatus
+# The enum's value type: what a status field holds.
+DiscussionStatus: TypeAlias = session_pb2.DiscussionStatus.ValueType
+
+TERMINAL_STATUSES = frozenset(
+    {
+        session_pb2.DISCUSSION_STATUS_COMPLETED,
+        session_pb2.DISCUSSION_STATUS_FAILED,
+        session_pb2.DISCUSSION_STATUS_CANCELLED,
+        session_pb2.DISCUSSION_STATUS_TIMED_OUT,
+        session_pb2.DISCUSSION_STATUS_INTERRUPTED,
+    }
+)
+UNFINISHED_STATUSES = frozenset({session_pb2.DISCUSSION_STATUS_QUEUED, session_pb2.DISCUSSION_STATUS_RUNNING})
+
+
+def is_terminal(status: DiscussionStatus) -> bool:
+    """Whether a status is final."""
+    return status in TERMINAL_STATUSES
+
+
+def now_timestamp() -> timestamp_pb2.Timestamp:
+    """The current time as a protobuf Timestamp."""
+    stamp = timestamp_pb2.Timestamp()
+    stamp.GetCurrentTime()
+    return stamp
+
+
+def copied(doc: session_pb2.Discussion) -> session_pb2.Discussion:
+    """A copy of the document that changes to the original do not reach."""
+    copy = session_pb2.Discussion()
+    copy.CopyFrom(doc)
+    return copy
 
 
 def _result(doc: session_pb2.Discussion, agent: str, round_number: int) -> session_pb2.AgentResult:
@@ -73,15 +108,6 @@ def cancel_running_results(doc: session_pb2.Discussion) -> None:
     for result in doc.results:
         if result.status == discussion_pb2.AGENT_STATUS_RUNNING:
             result.status = discussion_pb2.AGENT_STATUS_CANCELLED
-
-
-def prior_answers(doc: session_pb2.Discussion) -> list[agents_pb2.PriorAnswer]:
-    """The answers of every finished round, for resuming after them."""
-    return [
-        agents_pb2.PriorAnswer(agent=r.agent, round=r.round, text=r.text)
-        for r in doc.results
-        if r.status == discussion_pb2.AGENT_STATUS_COMPLETED and r.round <= doc.completed_rounds
-    ]
 
 
 def failure_reasons(doc: session_pb2.Discussion) -> str:

@@ -2,44 +2,31 @@
 
 from __future__ import annotations
 
-import logging
-
-import grpc
-
-from services.gen.roundtable.agents.v1 import agents_pb2, agents_pb2_grpc
-from services.shared.errors import InvalidArgument, Unavailable
-
-logger = logging.getLogger(__name__)
+from services.session.agents_client import AgentsClient
+from services.shared.errors import InvalidArgument
 
 
 class PersonaCatalog:
     """Persona names and aliases, fetched from the agent service on first need."""
 
-    def __init__(self, agents: agents_pb2_grpc.AgentServiceAsyncStub, max_personas: int) -> None:
+    def __init__(self, agents: AgentsClient, max_personas: int) -> None:
         self._agents = agents
         self._max_personas = max_personas
         self._by_key: dict[str, str] = {}
         self._moderator = ""
         self._default_roster: list[str] = []
-        self.backend = ""
 
     async def refresh(self) -> None:
         """Fetch the personas; raises Unavailable if the agent service cannot be reached."""
-        try:
-            response = await self._agents.ListPersonas(agents_pb2.ListPersonasRequest(), timeout=5)
-        except grpc.aio.AioRpcError as error:
-            raise Unavailable(
-                f"the agent service is unavailable ({error.code().name}); retry with the same request_id"
-            ) from error
+        roster = await self._agents.roster()
         by_key: dict[str, str] = {}
-        for persona in response.personas:
+        for persona in roster.personas:
             for key in (persona.name, *persona.aliases):
                 by_key[key.casefold()] = persona.name
             if persona.moderator:
                 self._moderator = persona.name
         self._by_key = by_key
-        self._default_roster = list(response.default_roster)
-        self.backend = response.backend
+        self._default_roster = list(roster.default_roster)
 
     async def resolve(self, names: list[str]) -> list[str]:
         """Canonical names for the request (default roster when empty), moderator last."""

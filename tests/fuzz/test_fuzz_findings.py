@@ -223,10 +223,10 @@ async def test_a_discussion_queued_while_a_slot_frees_still_runs(
     make_suite: Callable[..., Awaitable[Suite]], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Found by the fuzz: discussions left QUEUED for good after a CreateDiscussion batch.
-    # servicer._create admits B into admission's queue, then awaits store.create(); if the running
-    # discussion A ends meanwhile, admission promotes B (a lease) and runner.start_promoted([B])
-    # finds nothing to start, because runner.submit(B, admitted=False) only runs after the write.
-    # B then waits in runner.queued, which admission no longer knows of: QUEUED forever, while its
+    # Discussions.create admits B into admission's queue, then awaits store.create(); if the running
+    # discussion A ends meanwhile, admission promotes B (a lease) and Discussions._promote([B])
+    # finds nothing to start, because _submit(B, admitted=False) only runs after the write.
+    # B then waits in the local queue, which admission no longer knows of: QUEUED forever, while its
     # unrenewed lease blocks the slot for lease_ttl_seconds. Here the write is held until A is done.
     suite = await make_suite(session={"max_concurrent_sessions": 1})
     stub = suite.session()

@@ -10,8 +10,8 @@ import pytest
 
 from services.gen.roundtable.session.v1 import session_pb2, session_pb2_grpc
 from services.session.auth import ANONYMOUS
+from services.session.discussions import CANCEL_ELSEWHERE_TIMEOUT_SECONDS
 from services.session.ids import IdScope
-from services.session.servicer import CANCEL_ELSEWHERE_TIMEOUT_SECONDS
 from tests.redis_server import redis_server, redis_url  # noqa: F401  (fixtures)
 from tests.session.test_delete_elsewhere import one_slot_suite_on_redis, second_replica
 from tests.session.test_store_contract import make_discussion

@@ -72,10 +72,9 @@ async def test_a_delete_through_another_replica_stops_the_runner_and_frees_the_s
             assert replacement.status == session_pb2.DISCUSSION_STATUS_RUNNING
             # The owner stops within a lease renewal or two: its agent call is closed, nothing more is asked.
             store_id = suite.session_service.store_id(ANONYMOUS, created.discussion_id)
-            runner = suite.session_service.runner
-            assert runner is not None
+            discussions = suite.session_service.discussions
             async with asyncio.timeout(10 * LEASE_TTL_SECONDS):
-                while runner.live(store_id) is not None:  # noqa: ASYNC110 - polling the runner
+                while discussions.is_here(store_id):  # noqa: ASYNC110 - polling the replica's discussions
                     await asyncio.sleep(0.05)
             async with asyncio.timeout(5):
                 await sim.wait_for_record(lambda r: r.topic == "deleted elsewhere" and r.finished_at is not None)
@@ -114,11 +113,10 @@ async def test_a_delete_through_another_replica_takes_a_queued_discussion_out_of
             # Its queue place is free at once, and its replica lets go of it within a renewal or two.
             waiting = await other.CreateDiscussion(create(topic="queues", personas=["engineer"]), timeout=5)
             assert waiting.status == session_pb2.DISCUSSION_STATUS_QUEUED
-            runner = suite.session_service.runner
-            assert runner is not None
+            discussions = suite.session_service.discussions
             store_id = suite.session_service.store_id(ANONYMOUS, queued.discussion_id)
             async with asyncio.timeout(10 * LEASE_TTL_SECONDS):
-                while runner.live(store_id) is not None:  # noqa: ASYNC110 - polling the runner
+                while discussions.is_here(store_id):  # noqa: ASYNC110 - polling the replica's discussions
                     await asyncio.sleep(0.05)
             with pytest.raises(grpc.aio.AioRpcError) as caught:
                 await owner.GetDiscussion(session_pb2.GetDiscussionRequest(discussion_id=queued.discussion_id))

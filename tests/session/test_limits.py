@@ -156,8 +156,7 @@ async def test_a_crash_leaves_no_discussion_running_after_restart(make_suite: Ma
     stub = suite.session()
 
     async def settled() -> bool:
-        runner = suite.session_service.runner
-        return runner is not None and runner.live(store_id) is None
+        return not suite.session_service.discussions.is_here(store_id)
 
     await _wait_until(settled)
     after = await stub.GetDiscussion(session_pb2.GetDiscussionRequest(discussion_id=doc.discussion_id))

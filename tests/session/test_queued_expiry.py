@@ -76,5 +76,5 @@ async def test_a_queued_discussion_removed_elsewhere_is_not_run_when_its_turn_co
     async with asyncio.timeout(10):
         while service.admission.active() or service.admission.queued():  # noqa: ASYNC110 - polling state
             await asyncio.sleep(0.05)
-    assert service.runner is not None and not service.runner.active
+    assert service.discussions.running_count() == 0
     assert not [r for r in suite.simulator.simulator.requests if r.topic == "removed while waiting"]

@@ -11,7 +11,7 @@ import pytest
 from redis.crc import key_slot
 
 from services.gen.roundtable.session.v1 import session_pb2
-from services.session import redis_connection
+from services.session.redis import connection as redis_connection
 from services.session.redis.admission import RedisAdmission
 from services.session.redis.connection import Client, Script, connect
 from services.session.redis.rate_limit import RedisRateLimiter

@@ -13,12 +13,8 @@ import pytest
 import redis.asyncio as redis
 
 from services.gen.roundtable.session.v1 import session_pb2
-from services.session.redis.admission import RedisAdmission
-from services.session.redis.connection import connect
-from services.session.redis.rate_limit import RedisRateLimiter
 from services.session.service import SessionService
 from services.session.settings import SessionSettings
-from services.session.stores.redis import RedisStore
 from services.shared.server import ServiceHost
 from tests.redis_server import redis_server, redis_url, running_redis  # noqa: F401  (fixtures)
 from tests.suite import Suite, run_to_end
@@ -32,22 +28,9 @@ async def on_redis(suite: Suite, url: str, **overrides: Any) -> None:
     """Replace the suite's session service by one whose store, admission and rate limit live in Redis."""
     current = suite.session_host.settings
     assert isinstance(current, SessionSettings)
-    settings = current.model_copy(update={"port": 0, "store": "memory", **overrides})
+    settings = current.model_copy(update={"port": 0, "store": "redis", "redis_url": url, **overrides})
     await suite.session_host.stop(grace_seconds=0)
-    service = SessionService(settings)
-    store = await RedisStore.open(connect(url))
-    service.store = store
-    service.admission = RedisAdmission(
-        store.client,
-        capacity=settings.max_concurrent_sessions,
-        max_queued=settings.max_queued_sessions,
-        max_per_principal=settings.principal_cap,
-        lease_ttl_seconds=settings.lease_ttl_seconds,
-        replica_id=settings.instance_id,
-    )
-    if settings.enable_rate_limiting:
-        service.rate_limiter = RedisRateLimiter(store.client, settings.rate_limit_per_minute)
-    host = ServiceHost(settings, service)
+    host = ServiceHost(settings, SessionService(settings))
     await host.start()
     suite.session_host = host
 

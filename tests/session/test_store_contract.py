@@ -12,8 +12,9 @@ import pytest
 
 from services.gen.roundtable.common.v1 import discussion_pb2
 from services.gen.roundtable.session.v1 import session_pb2
+from services.session.document import DiscussionStatus
 from services.session.redis.connection import connect
-from services.session.stores.interface import DiscussionExists, DiscussionStatus, InvalidPageToken, Store
+from services.session.stores.interface import DiscussionExists, InvalidPageToken, Store
 from services.session.stores.memory import MemoryStore
 from services.session.stores.redis import RedisStore
 from services.session.stores.sqlite import SqliteStore

@@ -9,7 +9,7 @@ import pytest
 
 from services.gen.roundtable.common.v1 import discussion_pb2
 from services.gen.roundtable.session.v1 import session_pb2
-from services.session import servicer
+from services.session import discussions
 from services.session.auth import ANONYMOUS
 from services.session.ids import IdScope
 from tests.session.test_cross_replica_reads import SCIENTIST, recorded
@@ -59,7 +59,7 @@ async def test_the_stream_waits_for_the_terminal_event_the_owner_appends_after_i
 async def test_without_the_terminal_event_the_stream_ends_on_one_rebuilt_from_the_document(
     suite: Suite, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(servicer, "TERMINAL_EVENT_GRACE_SECONDS", 0.5)
+    monkeypatch.setattr(discussions, "TERMINAL_EVENT_GRACE_SECONDS", 0.5)
     public_id, doc = await finished_without_its_last_event(suite, 0xE2)
     events = await stream(suite, public_id)
     assert [event.sequence for event in events] == [1, 2]

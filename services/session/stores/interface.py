@@ -7,28 +7,16 @@ test suite, tests/session/test_store_contract.py.
 from __future__ import annotations
 
 import base64
-from typing import Protocol, TypeAlias
+from typing import Protocol
 
 from services.gen.roundtable.session.v1 import session_pb2
+from services.session.document import DiscussionStatus
 
 Discussion = session_pb2.Discussion
 DiscussionEvent = session_pb2.DiscussionEvent
-# The enum's value type: what a status field holds.
-DiscussionStatus: TypeAlias = session_pb2.DiscussionStatus.ValueType
 
 # How often a reader polls a store that cannot block until an event arrives.
 POLL_SECONDS = 0.5
-
-TERMINAL_STATUSES = frozenset(
-    {
-        session_pb2.DISCUSSION_STATUS_COMPLETED,
-        session_pb2.DISCUSSION_STATUS_FAILED,
-        session_pb2.DISCUSSION_STATUS_CANCELLED,
-        session_pb2.DISCUSSION_STATUS_TIMED_OUT,
-        session_pb2.DISCUSSION_STATUS_INTERRUPTED,
-    }
-)
-UNFINISHED_STATUSES = frozenset({session_pb2.DISCUSSION_STATUS_QUEUED, session_pb2.DISCUSSION_STATUS_RUNNING})
 
 
 class Store(Protocol):

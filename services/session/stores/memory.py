@@ -7,10 +7,10 @@ import bisect
 import secrets
 
 from services.gen.roundtable.session.v1 import session_pb2
+from services.session.document import UNFINISHED_STATUSES
 from services.session.ids import SECRET_BYTES
 from services.session.stores.interface import (
     POLL_SECONDS,
-    UNFINISHED_STATUSES,
     Discussion,
     DiscussionEvent,
     DiscussionExists,

@@ -32,6 +32,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from redis.asyncio.client import Pipeline
 
 from services.gen.roundtable.session.v1 import session_pb2
+from services.session.document import UNFINISHED_STATUSES
 from services.session.ids import SECRET_BYTES
 from services.session.redis.connection import (
     Client,
@@ -43,7 +44,6 @@ from services.session.redis.connection import (
     unavailable_on_failure,
 )
 from services.session.stores.interface import (
-    UNFINISHED_STATUSES,
     Discussion,
     DiscussionEvent,
     DiscussionExists,

@@ -21,10 +21,10 @@ from typing import Any, TypeVar
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from services.gen.roundtable.session.v1 import session_pb2
+from services.session.document import UNFINISHED_STATUSES
 from services.session.ids import SECRET_BYTES
 from services.session.stores.interface import (
     POLL_SECONDS,
-    UNFINISHED_STATUSES,
     Discussion,
     DiscussionEvent,
     DiscussionExists,
