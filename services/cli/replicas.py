@@ -37,7 +37,6 @@ from services.shared.processes import (
     Child,
     EnvoyProcess,
     RedisProcess,
-    free_port,
     free_ports,
     kill,
     log_tail,
@@ -465,8 +464,4 @@ __all__ = [
     "RedisProcess",
     "Replica",
     "describe",
-    # Re-exported from services.shared.processes for tests/scaleout and bench/llm_path, which import them here.
-    "free_port",
-    "free_ports",
-    "redis_server_binary",
 ]

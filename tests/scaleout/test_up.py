@@ -10,7 +10,7 @@ import sys
 
 import psutil
 
-from services.cli.replicas import free_port
+from services.shared.processes import free_port
 from tests.scaleout.conftest import require_tools
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
