@@ -45,11 +45,18 @@ class WindowRateLimiter:
         if await self._limiter.hit(self._item, principal, cost=cost):
             return
         stats = await self._limiter.get_window_stats(self._item, principal)
-        retry_after = max(stats.reset_time - time.time(), 0.05)
-        raise ResourceExhausted(
-            f"request rate limit reached: {self.units_per_minute} units a minute per caller "
-            f"(this call costs {cost}); retry in {retry_after:.1f} s",
-            retry_after_seconds=retry_after,
-            subject=f"principal:{principal}",
-            limit="rate_limit_per_minute",
-        )
+        raise rate_limit_reached(principal, cost, self.units_per_minute, stats.reset_time - time.time())
+
+
+def rate_limit_reached(
+    principal: str, cost: int, units_per_minute: int, retry_after_seconds: float
+) -> ResourceExhausted:
+    """The refusal of a call over the principal's rate limit, with when to retry (at least 50 ms)."""
+    retry_after = max(retry_after_seconds, 0.05)
+    return ResourceExhausted(
+        f"request rate limit reached: {units_per_minute} units a minute per caller "
+        f"(this call costs {cost}); retry in {retry_after:.1f} s",
+        retry_after_seconds=retry_after,
+        subject=f"principal:{principal}",
+        limit="rate_limit_per_minute",
+    )

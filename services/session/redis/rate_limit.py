@@ -13,8 +13,8 @@ call. The bucket holds a minute's units and refills continuously, so a burst of
 
 from __future__ import annotations
 
+from services.session.rate_limit import rate_limit_reached
 from services.session.redis.connection import Client, Script, unavailable_on_failure
-from services.shared.errors import ResourceExhausted
 
 MICROSECONDS_PER_MINUTE = 60_000_000
 
@@ -57,11 +57,4 @@ class RedisRateLimiter:
             )
         if int(allowed):
             return
-        retry_after = max(int(wait_us) / 1e6, 0.05)
-        raise ResourceExhausted(
-            f"request rate limit reached: {self.units_per_minute} units a minute per caller "
-            f"(this call costs {cost}); retry in {retry_after:.1f} s",
-            retry_after_seconds=retry_after,
-            subject=f"principal:{principal}",
-            limit="rate_limit_per_minute",
-        )
+        raise rate_limit_reached(principal, cost, self.units_per_minute, int(wait_us) / 1e6)
