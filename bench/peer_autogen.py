@@ -7,11 +7,13 @@ fake LLM call of fixed latency, in parallel. The client publishes a discussion t
 the host routes it to the worker, whose three panelists each sleep, then publish an answer to the
 client's topic; the client counts a discussion done at its third answer. This is the AutoGen way a
 new user would build it: three long-lived agents (one instance per agent type, key "panel"),
-publish/subscribe through the host, JSON payloads, the runtime's defaults otherwise.
+publish/subscribe through the host, JSON payloads, the runtime's defaults otherwise. The client's
+other mode, `--mode rpc`, asks each panelist directly instead (send_message: a request and its
+response, both through the host), the other way AutoGen's API offers.
 
     python -m bench.peer_autogen host --port N
     python -m bench.peer_autogen worker --host-address ADDR [--latency-seconds S]
-    python -m bench.peer_autogen client --host-address ADDR --count K [--in-flight N] [--timeout-seconds S]
+    python -m bench.peer_autogen client --host-address ADDR --count K [--mode publish|rpc] [--timeout-seconds S]
 
 The host and worker print the suite's ready line ("<name> listening on ADDRESS metrics -1"); the
 worker's address answers /bench.Control/Stats with its counts (created: discussions received,
@@ -67,6 +69,14 @@ class Discussion:
 
 
 @dataclass
+class Question:
+    """What the client sends each panelist in rpc mode: one discussion, answered in the response."""
+
+    discussion_id: str
+    topic: str
+
+
+@dataclass
 class Answer:
     """What each panelist publishes back: its answer to one discussion."""
 
@@ -116,6 +126,14 @@ class Panelist(RoutedAgent):
         await self.publish_message(answer, TopicId(ANSWER_TOPIC, source=message.reply_to))
         self._tally.answered(message.discussion_id)
 
+    @message_handler
+    async def on_question(self, message: Question, ctx: MessageContext) -> Answer:
+        """Wait the call's latency, then answer in the response (rpc mode)."""
+        self._tally.received(message.discussion_id)
+        await asyncio.sleep(self._latency_seconds)
+        self._tally.answered(message.discussion_id)
+        return Answer(discussion_id=message.discussion_id, agent=self._name, text=f"{self._name}: {self._answer}")
+
 
 @dataclass
 class ClientTally:
@@ -125,7 +143,14 @@ class ClientTally:
     answers: dict[str, set[str]] = field(default_factory=dict)
     done_wall: dict[str, float] = field(default_factory=dict)
     unexpected_answers: int = 0
+    # rpc mode: requests that came back as an error instead of an answer.
+    failed_requests: int = 0
     all_done: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def sent(self, discussion_id: str) -> None:
+        """Note a discussion as sent now."""
+        self.sent_wall[discussion_id] = time.time()
+        self.answers[discussion_id] = set()
 
     def answer(self, message: Answer) -> None:
         """Record one answer; the third distinct one marks the discussion done."""
@@ -199,28 +224,36 @@ async def run_worker(host_address: str, latency_seconds: float) -> None:
         await runtime.stop()
 
 
-async def run_client(host_address: str, count: int, timeout_seconds: float, run_tag: str) -> dict[str, object]:
-    """Publish `count` discussions at once, wait for every answer (or the timeout); what was sent and when it ended."""
+async def run_client(
+    host_address: str, count: int, timeout_seconds: float, run_tag: str, mode: str = "publish"
+) -> dict[str, object]:
+    """Send `count` discussions at once, wait for every answer (or the timeout); what was sent and when it ended."""
     tally = ClientTally()
     runtime = GrpcWorkerAgentRuntime(host_address=host_address)
     await runtime.start()
-    runtime.add_message_serializer(try_get_known_serializers_for_type(Discussion))
-    await Collector.register(runtime, COLLECTOR, lambda: Collector(tally))
-    await runtime.add_subscription(TypeSubscription(topic_type=ANSWER_TOPIC, agent_type=COLLECTOR))
-    topic = TopicId(DISCUSSION_TOPIC, source=PANEL_KEY)
+    for message_type in (Discussion, Question, Answer):
+        runtime.add_message_serializer(try_get_known_serializers_for_type(message_type))
+    if mode == "publish":
+        await Collector.register(runtime, COLLECTOR, lambda: Collector(tally))
+        await runtime.add_subscription(TypeSubscription(topic_type=ANSWER_TOPIC, agent_type=COLLECTOR))
     first_sent = time.time()
+    asked: list[asyncio.Task[None]] = []
     for index in range(count):
         discussion_id = f"{run_tag}-{index}"
-        tally.sent_wall[discussion_id] = time.time()
-        tally.answers[discussion_id] = set()
-        # Fire and forget: the runtime queues the event for the host and returns; nothing acknowledges it.
-        await runtime.publish_message(
-            Discussion(discussion_id=discussion_id, topic=f"bench topic #{index}", reply_to=COLLECTOR),
-            topic,
-            sender=AgentId(COLLECTOR, COLLECTOR),
-        )
+        tally.sent(discussion_id)
+        if mode == "publish":
+            # Fire and forget: the runtime queues the event for the host and returns; nothing acknowledges it.
+            await runtime.publish_message(
+                Discussion(discussion_id=discussion_id, topic=f"bench topic #{index}", reply_to=COLLECTOR),
+                TopicId(DISCUSSION_TOPIC, source=PANEL_KEY),
+                sender=AgentId(COLLECTOR, COLLECTOR),
+            )
+        else:
+            asked.append(asyncio.create_task(_ask_panel(runtime, tally, Question(discussion_id, f"bench #{index}"))))
     with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(tally.all_done.wait(), timeout_seconds)
+    for task in asked:
+        task.cancel()
     with contextlib.suppress(Exception):  # the figures are taken; a stop that stumbles changes none of them
         await runtime.stop()
     return {
@@ -228,8 +261,20 @@ async def run_client(host_address: str, count: int, timeout_seconds: float, run_
         "sent_wall": tally.sent_wall,
         "done_wall": tally.done_wall,
         "answers": sum(len(a) for a in tally.answers.values()),
-        "unexpected_answers": tally.unexpected_answers,
+        "unexpected_answers": tally.unexpected_answers + tally.failed_requests,
     }
+
+
+async def _ask_panel(runtime: GrpcWorkerAgentRuntime, tally: ClientTally, question: Question) -> None:
+    """rpc mode: ask the three panelists at once; each response is one answer."""
+    replies = await asyncio.gather(
+        *(runtime.send_message(question, AgentId(name, PANEL_KEY)) for name in PANELISTS), return_exceptions=True
+    )
+    for reply in replies:
+        if isinstance(reply, Answer):
+            tally.answer(reply)
+        else:
+            tally.failed_requests += 1
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -244,6 +289,7 @@ def main(argv: list[str] | None = None) -> int:
     client = roles.add_parser("client", help="publish discussions, wait for their answers, print JSON")
     client.add_argument("--host-address", required=True)
     client.add_argument("--count", type=int, required=True)
+    client.add_argument("--mode", choices=("publish", "rpc"), default="publish")
     client.add_argument("--timeout-seconds", type=float, default=600.0)
     client.add_argument("--run-tag", default=f"autogen-{time.time_ns()}")
     args = parser.parse_args(argv)
@@ -252,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
     elif args.role == "worker":
         asyncio.run(run_worker(args.host_address, args.latency_seconds))
     else:
-        figures = asyncio.run(run_client(args.host_address, args.count, args.timeout_seconds, args.run_tag))
+        figures = asyncio.run(run_client(args.host_address, args.count, args.timeout_seconds, args.run_tag, args.mode))
         print(json.dumps(figures), flush=True)
     return 0
 

@@ -92,8 +92,14 @@ async def start_autogen(workdir: pathlib.Path, latency_seconds: float) -> AutoGe
     return AutoGenSystem(system=system, host_address=host.address, python=python)
 
 
-async def run_client(started: AutoGenSystem, count: int, timeout_seconds: float, run_tag: str) -> ClientFigures:
-    """Run the AutoGen client (it inherits the load generator's core) and read its figures."""
+async def run_client(
+    started: AutoGenSystem, count: int, timeout_seconds: float, run_tag: str, mode: str = "publish"
+) -> ClientFigures:
+    """Run the AutoGen client (it inherits the load generator's core) and read its figures.
+
+    mode: "publish" (a discussion to the panel's topic, answers published back) or "rpc" (send_message to
+    each panelist, the answer in the response).
+    """
     process = await asyncio.create_subprocess_exec(
         started.python,
         "-m",
@@ -107,6 +113,8 @@ async def run_client(started: AutoGenSystem, count: int, timeout_seconds: float,
         str(timeout_seconds),
         "--run-tag",
         run_tag,
+        "--mode",
+        mode,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
         env={**os.environ, "PYTHONPATH": str(procs.REPO_ROOT)},
