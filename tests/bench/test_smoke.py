@@ -50,7 +50,7 @@ def test_peer_scenario_runs_every_system_and_autogen_in_its_own_venv() -> None:
     result = _tiny("peers")
     assert result.returncode == 0, result.stdout + result.stderr
     for scenario in ("peers_10_c5", "peers_10_at_once"):
-        for system in ("minimal", "suite", "autogen", *(["seed"] if scenario == "peers_10_c5" else [])):
+        for system in ("minimal", "suite", "autogen", "autogen-rpc", *(["seed"] if scenario == "peers_10_c5" else [])):
             assert f"[{scenario}] repeat 1 {system} @" in result.stdout
 
 
