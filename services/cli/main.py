@@ -10,14 +10,13 @@ import sys
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-import grpc
+from roundtable_client import DEFAULT_ADDRESS, Client, RoundtableError, Tls, Unavailable
 
 from services.agents import local_model
 from services.cli import dashboard, logs, report
-from services.cli.client import DEFAULT_ADDRESS, Connection, cancel, discuss, env, list_discussions, status
+from services.cli.commands import cancel, discuss, list_discussions, status
 from services.cli.launcher import Addresses, start_suite, stop_suite
 from services.cli.replicas import Fleet, FleetOptions, describe
-from services.shared.errors import retry_delay_seconds
 
 DEMO_TOPIC = "人工智能会让大多数工作消失吗？ (Will AI make most jobs disappear?)"
 
@@ -44,7 +43,9 @@ async def _demo_then_wait(args: argparse.Namespace, session_address: str, stop: 
     """Run the demo discussion when asked, then keep running until stopped (or return after the demo)."""
     code = 0
     if args.demo:
-        code = await discuss(Connection(address=session_address), args.demo, [], args.rounds, "")
+        # The suite just started here: plaintext, no key, whatever ROUNDTABLE_* says about other servers.
+        async with Client(session_address, api_key="", tls=False) as client:
+            code = await discuss(client, args.demo, [], args.rounds, "")
         print("\nThe suite keeps running: try `roundtable list` in another terminal. Ctrl-C stops it.")
     if args.exit_after_demo:
         return code
@@ -149,17 +150,18 @@ def _positive(text: str) -> int:
 def build_parser() -> argparse.ArgumentParser:
     """The command line."""
     parser = argparse.ArgumentParser(prog="roundtable", description=__doc__)
+    # Unset flags fall back to the ROUNDTABLE_* variables, read by the client SDK (roundtable_client).
+    parser.add_argument("--address", help=f"session service host:port (ROUNDTABLE_ADDRESS, else {DEFAULT_ADDRESS})")
+    parser.add_argument("--api-key", help="sent as 'authorization: Bearer' (ROUNDTABLE_API_KEY)")
+    parser.add_argument("--tls-ca-file", help="trust roots: talk TLS (ROUNDTABLE_TLS_CA_FILE)")
+    parser.add_argument("--tls-client-cert-file", help="client certificate (mTLS) (ROUNDTABLE_TLS_CLIENT_CERT_FILE)")
+    parser.add_argument("--tls-client-key-file", help="its private key (ROUNDTABLE_TLS_CLIENT_KEY_FILE)")
     parser.add_argument(
-        "--address", default=env("ADDRESS", DEFAULT_ADDRESS), help="session service host:port (ROUNDTABLE_ADDRESS)"
+        "--timeout-seconds",
+        type=float,
+        default=30.0,
+        help="longest one call may take, retries of RESOURCE_EXHAUSTED and UNAVAILABLE included",
     )
-    parser.add_argument(
-        "--api-key", default=env("API_KEY"), help="sent as 'authorization: Bearer' (ROUNDTABLE_API_KEY)"
-    )
-    parser.add_argument(
-        "--tls-ca-file", default=env("TLS_CA_FILE"), help="trust roots: talk TLS (ROUNDTABLE_TLS_CA_FILE)"
-    )
-    parser.add_argument("--tls-client-cert-file", default=env("TLS_CLIENT_CERT_FILE"), help="client certificate (mTLS)")
-    parser.add_argument("--tls-client-key-file", default=env("TLS_CLIENT_KEY_FILE"), help="its private key")
     commands = parser.add_subparsers(dest="command", required=True)
 
     start = commands.add_parser("up", help="start every service on loopback in the foreground")
@@ -230,6 +232,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _client(args: argparse.Namespace) -> Client:
+    """The SDK client the flags describe; what they leave unset comes from ROUNDTABLE_* variables."""
+    tls: Tls | None = None
+    if (args.tls_client_cert_file or args.tls_client_key_file) and not args.tls_ca_file:
+        raise SystemExit("error: a client certificate is only sent over TLS: give --tls-ca-file too")
+    if args.tls_ca_file:
+        try:
+            tls = Tls(
+                ca_file=pathlib.Path(args.tls_ca_file),
+                cert_file=pathlib.Path(args.tls_client_cert_file) if args.tls_client_cert_file else None,
+                key_file=pathlib.Path(args.tls_client_key_file) if args.tls_client_key_file else None,
+            )
+        except ValueError as error:
+            raise SystemExit(f"error: {error}") from None
+    return Client(args.address, api_key=args.api_key, tls=tls, timeout_seconds=args.timeout_seconds)
+
+
 PASSTHROUGH: dict[str, Callable[[list[str]], int]] = {"monitor": dashboard.main, "report": report.main}
 
 
@@ -242,26 +261,29 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(words)
     if args.command == "logs":
         raise SystemExit(logs.run(args))
-    conn = Connection.from_args(
-        args.address, args.tls_ca_file, args.tls_client_cert_file, args.tls_client_key_file, args.api_key
-    )
+    # `up` talks to the suite it starts; every other command to the server the flags and variables name.
+    client = _client(args) if args.command != "up" else Client(api_key="", tls=False)
     commands: dict[str, Callable[[], Coroutine[Any, Any, int]]] = {
         "up": lambda: up(args),
-        "discuss": lambda: discuss(conn, args.topic, args.personas, args.rounds, args.request_id),
-        "status": lambda: status(conn, args.discussion_id),
-        "list": lambda: list_discussions(conn, args.status),
-        "cancel": lambda: cancel(conn, args.discussion_id),
+        "discuss": lambda: discuss(client, args.topic, args.personas, args.rounds, args.request_id),
+        "status": lambda: status(client, args.discussion_id),
+        "list": lambda: list_discussions(client, args.status),
+        "cancel": lambda: cancel(client, args.discussion_id),
     }
+
+    async def run() -> int:
+        async with client:  # opens its channel on first use only: `up` never does
+            return await commands[args.command]()
+
     try:
-        code = asyncio.run(commands[args.command]())
-    except grpc.aio.AioRpcError as error:
+        code = asyncio.run(run())
+    except RoundtableError as error:
         hint = ""
-        if error.code() == grpc.StatusCode.UNAVAILABLE:
-            hint = f"\nis the suite running? start it with `roundtable up` (looked for {args.address})"
-        delay = retry_delay_seconds(error)
-        if delay is not None:
-            hint += f"\nretry in {delay:.1f} s"
-        print(f"error: {error.code().name}: {error.details()}{hint}", file=sys.stderr)
+        if isinstance(error, Unavailable):
+            hint = f"\nis the suite running? start it with `roundtable up` (looked for {client.address})"
+        if error.retry_delay_seconds is not None:
+            hint += f"\nretry in {error.retry_delay_seconds:.1f} s"
+        print(f"error: {error.code.name}: {error.message}{hint}", file=sys.stderr)
         code = 2
     except KeyboardInterrupt:
         code = 130

@@ -6,9 +6,15 @@ import shutil
 import textwrap
 from typing import TextIO
 
-from services.gen.roundtable.session.v1 import session_pb2
-
-Status = session_pb2.DiscussionStatus
+from roundtable_client import (
+    AgentCompleted,
+    AgentFailed,
+    AgentStarted,
+    Event,
+    RoundCompleted,
+    StatusChanged,
+    SummaryCompleted,
+)
 
 
 class StreamRenderer:
@@ -18,29 +24,21 @@ class StreamRenderer:
         self._out = out
         self._width = min(shutil.get_terminal_size((100, 20)).columns, 100)
 
-    def event(self, event: session_pb2.DiscussionEvent) -> None:
-        """Print what a person wants to see of one event."""
-        kind = event.WhichOneof("event")
-        if kind == "status_changed":
-            change = event.status_changed
-            line = f"● status: {Status.Name(change.status).removeprefix('DISCUSSION_STATUS_')}"
-            self._print(line + (f" — {change.error}" if change.error else ""))
-        elif kind == "agent_started":
-            self._print(f"  … {event.agent_started.agent} is thinking (round {event.agent_started.round})")
-        elif kind == "agent_completed":
-            done = event.agent_completed
-            self._block(f"{done.agent} · round {done.round} · {done.usage.total_tokens} tokens", done.text)
-        elif kind == "agent_failed":
-            failed = event.agent_failed
-            self._print(f"  ✗ {failed.agent} failed in round {failed.round}: {failed.reason}")
-        elif kind == "round_completed":
-            ended = event.round_completed
-            self._print(
-                f"── round {ended.round} done: {ended.completed_agents} answered, {ended.failed_agents} failed ──"
-            )
-        elif kind == "summary_completed":
-            summary = event.summary_completed
-            self._block(f"SUMMARY by {summary.agent}", summary.text)
+    def event(self, event: Event) -> None:
+        """Print what a person wants to see of one event (text deltas are left out)."""
+        match event:
+            case StatusChanged(status=status, error=error):
+                self._print(f"● status: {status.name}" + (f" — {error}" if error else ""))
+            case AgentStarted(agent=agent, round=round_number):
+                self._print(f"  … {agent} is thinking (round {round_number})")
+            case AgentCompleted(agent=agent, round=round_number, usage=usage, text=text):
+                self._block(f"{agent} · round {round_number} · {usage.total_tokens} tokens", text)
+            case AgentFailed(agent=agent, round=round_number, reason=reason):
+                self._print(f"  ✗ {agent} failed in round {round_number}: {reason}")
+            case RoundCompleted(round=round_number, completed_agents=completed, failed_agents=failed):
+                self._print(f"── round {round_number} done: {completed} answered, {failed} failed ──")
+            case SummaryCompleted(agent=agent, text=text):
+                self._block(f"SUMMARY by {agent}", text)
 
     def _block(self, title: str, text: str) -> None:
         self._print(f"\n┌─ {title}")

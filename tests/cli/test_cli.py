@@ -6,6 +6,7 @@ import os
 import pathlib
 import subprocess
 import sys
+import time
 
 import grpc
 import psutil
@@ -68,17 +69,22 @@ def test_up_runs_a_demo_discussion_and_stops_every_service(tmp_path: pathlib.Pat
     assert _service_processes([session, agents, monitor, simulator]) == []
 
 
-def test_discuss_against_nothing_says_how_to_start_the_suite() -> None:
+def test_discuss_against_nothing_says_how_to_start_the_suite_once_its_deadline_passes() -> None:
     (port,) = free_ports(1)
+    address = f"127.0.0.1:{port}"
+    started = time.monotonic()
     done = subprocess.run(
-        [sys.executable, "-m", "services.cli", "--address", f"127.0.0.1:{port}", "discuss", "anyone there?"],
+        [sys.executable, "-m", "services.cli", "--address", address, "--timeout-seconds", "3", "discuss", "anyone?"],
         capture_output=True,
         text=True,
         timeout=60,
     )
+    took_seconds = time.monotonic() - started
     assert done.returncode == 2
     assert "UNAVAILABLE" in done.stderr
-    assert "roundtable up" in done.stderr
+    assert f"roundtable up` (looked for {address})" in done.stderr
+    # UNAVAILABLE is retried (the SDK's policy) until the deadline, and not past it.
+    assert took_seconds < 20, took_seconds
 
 
 async def test_auto_falls_back_to_the_simulator_loudly_when_the_local_model_is_missing(
