@@ -229,6 +229,7 @@ async def run_client(
 ) -> dict[str, object]:
     """Send `count` discussions at once, wait for every answer (or the timeout); what was sent and when it ended."""
     tally = ClientTally()
+    cpu_started = time.process_time()
     runtime = GrpcWorkerAgentRuntime(host_address=host_address)
     await runtime.start()
     for message_type in (Discussion, Question, Answer):
@@ -254,6 +255,8 @@ async def run_client(
         await asyncio.wait_for(tally.all_done.wait(), timeout_seconds)
     for task in asked:
         task.cancel()
+    # The client shares the load generator's core: its CPU says whether it, not the server, set the pace.
+    cpu_seconds = time.process_time() - cpu_started
     with contextlib.suppress(Exception):  # the figures are taken; a stop that stumbles changes none of them
         await runtime.stop()
     return {
@@ -262,6 +265,7 @@ async def run_client(
         "done_wall": tally.done_wall,
         "answers": sum(len(a) for a in tally.answers.values()),
         "unexpected_answers": tally.unexpected_answers + tally.failed_requests,
+        "cpu_seconds": cpu_seconds,
     }
 
 

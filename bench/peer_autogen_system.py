@@ -63,6 +63,8 @@ class ClientFigures:
     done_wall: dict[str, float]
     answers: int
     unexpected_answers: int
+    # The client process's own CPU over the run (it shares the load generator's core).
+    cpu_seconds: float
 
 
 async def start_autogen(workdir: pathlib.Path, latency_seconds: float) -> AutoGenSystem:
@@ -135,4 +137,5 @@ async def run_client(
         done_wall={str(k): float(v) for k, v in raw["done_wall"].items()},
         answers=int(raw["answers"]),
         unexpected_answers=int(raw["unexpected_answers"]),
+        cpu_seconds=float(raw["cpu_seconds"]),
     )

@@ -154,7 +154,9 @@ def _goals(latency: float, with_autogen: bool) -> list[Goal]:
 def _notes(latency: float, with_autogen: bool) -> list[str]:
     notes = [
         "Server CPU: user + system of every server process over the run (Roundtable: session, agents and "
-        "monitor; AutoGen: host and worker), divided by the discussions completed.",
+        "monitor; AutoGen: host and worker), divided by the discussions completed. The client's own CPU per "
+        "discussion is in the repeat table (client_cpu_ms_per_discussion: the bench process, which also samples "
+        "RSS, or AutoGen's client process): where it nears the run's length, the client set the pace, not the server.",
         "RSS per active discussion: (peak RSS of the server processes, read from /proc every "
         f"{RSS_INTERVAL_SECONDS:g} s, − their RSS idle after start-up) / the most discussions active at once "
         "(from each discussion's accept — AutoGen: publish — to its end, as the client timed them).",
@@ -266,11 +268,13 @@ async def grpc_sample(ctx: Context, name: str, count: int, in_flight: int, laten
         idle_rss = procs.rss_bytes(system.pids)
         before = await system.counts("CreateDiscussion")
         cpu_before = procs.cpu_seconds(system.pids)
+        client_cpu_before = time.process_time()
         with PeakRss(system.pids, RSS_INTERVAL_SECONDS) as rss:
             adjust = None if with_summary else no_summary_request
             sent = await paced_burst(stubs, count, f"peers-{time.time_ns()}", in_flight, adjust)
             await client.wait_all_done(stubs, ctx.profile.done_timeout_seconds)
         cpu_seconds = procs.cpu_seconds(system.pids) - cpu_before
+        client_cpu_seconds = time.process_time() - client_cpu_before
         docs = await client.fetch(stubs, list(sent.sent_wall))
         delta = (await system.counts("CreateDiscussion")).minus(before)
     finally:
@@ -295,6 +299,7 @@ async def grpc_sample(ctx: Context, name: str, count: int, in_flight: int, laten
         "create_p50_ms": percentile(create_ms, 0.50),
         "create_p99_ms": percentile(create_ms, 0.99),
         **timing,
+        "client_cpu_ms_per_discussion": client_cpu_seconds / max(count, 1) * 1000,
         "rss_idle_mb": idle_rss / 2**20,
         "rss_peak_mb": rss.peak / 2**20,
     }
@@ -337,6 +342,7 @@ async def autogen_sample(ctx: Context, name: str, count: int, latency: float, re
         "cpu_ms_per_discussion": cpu_seconds / max(completed, 1) * 1000,
         "rss_per_active_kb": (rss.peak - idle_rss) / max(timing["peak_active"], 1) / 1024,
         **timing,
+        "client_cpu_ms_per_discussion": figures.cpu_seconds / max(sent, 1) * 1000,
         "rss_idle_mb": idle_rss / 2**20,
         "rss_peak_mb": rss.peak / 2**20,
     }
