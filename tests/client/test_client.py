@@ -48,7 +48,7 @@ async def test_events_after_a_sequence_replays_only_the_rest(client: Client) -> 
     assert_whole_stream(tail, first_sequence=4)
 
 
-class _RecordCreates(grpc.aio.UnaryUnaryClientInterceptor):  # type: ignore[misc]
+class _RecordCreates(grpc.aio.UnaryUnaryClientInterceptor):
     """Keeps the metadata and request of every CreateDiscussion sent."""
 
     def __init__(self) -> None:
