@@ -5,25 +5,56 @@ from __future__ import annotations
 import asyncio
 import datetime
 import threading
-from collections.abc import AsyncIterator, Coroutine, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Sequence
 from types import TracebackType
 from typing import Any, TypeVar
 
-from roundtable_client.client import Client, Discussion
+import grpc
+
+from roundtable_client.client import Client, Discussion, Tls
 from roundtable_client.events import DiscussionStatus, Event
+from roundtable_client.retry import Retry, RetryPolicy
 
 T = TypeVar("T")
 
 
 class SyncClient:
-    """The same calls as Client, blocking; use it as `with SyncClient() as client:`. Takes Client's arguments."""
+    """The same calls as Client, blocking, with the same arguments; use it as `with SyncClient() as client:`."""
 
-    def __init__(self, address: str | None = None, **options: Any) -> None:
+    def __init__(
+        self,
+        address: str | None = None,
+        *,
+        api_key: str | None = None,
+        tls: Tls | bool | None = None,
+        timeout_seconds: float = 60.0,
+        resume_timeout_seconds: float = 60.0,
+        retry: RetryPolicy | None = None,
+        on_retry: Callable[[Retry], None] | None = None,
+        interceptors: Sequence[grpc.aio.ClientInterceptor] = (),
+        channel_options: Sequence[tuple[str, Any]] = (),
+    ) -> None:
+        self._client = Client(
+            address,
+            api_key=api_key,
+            tls=tls,
+            timeout_seconds=timeout_seconds,
+            resume_timeout_seconds=resume_timeout_seconds,
+            retry=retry,
+            on_retry=on_retry,
+            interceptors=interceptors,
+            channel_options=channel_options,
+        )
         self._loop = asyncio.new_event_loop()
         # A thread of its own: it works from any thread, including one whose own event loop is running.
+        # on_retry is called on that thread.
         self._thread = threading.Thread(target=self._loop.run_forever, name="roundtable-client", daemon=True)
         self._thread.start()
-        self._client = Client(address, **options)
+
+    @property
+    def address(self) -> str:
+        """The server's host:port."""
+        return self._client.address
 
     def __enter__(self) -> SyncClient:
         return self
