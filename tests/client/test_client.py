@@ -46,6 +46,8 @@ async def test_events_after_a_sequence_replays_only_the_rest(client: Client) -> 
     tail = [event async for event in client.events(created.discussion_id, after_sequence=3)]
     assert tail == whole[3:]
     assert_whole_stream(tail, first_sequence=4)
+    # Resuming after the terminal event (a program that saved it, then stopped): nothing more, at once.
+    assert [event async for event in client.events(created.discussion_id, after_sequence=whole[-1].sequence)] == []
 
 
 class _RecordCreates(grpc.aio.UnaryUnaryClientInterceptor):

@@ -265,9 +265,14 @@ class Client:
                     raise failure from None
             finally:
                 call.cancel()  # the caller stopped early, or the stream broke: either way it is done
-            # The stream ended before the terminal status: reopen it after the last event delivered.
             if failure is None:
+                # A clean end without a terminal status: the caller's after_sequence was already past the
+                # terminal event (nothing more will come), or the server stopped streaming (a drain).
+                doc = await self.get(discussion_id)
+                if DiscussionStatus.of(doc.status).terminal and doc.last_sequence <= last_sequence:
+                    return
                 failure = Unavailable(grpc.StatusCode.UNAVAILABLE, "the stream ended before the terminal status")
+            # Reopen the stream after the last event delivered.
             delay_seconds = self._retry.delay_seconds(retry_number, failure.retry_delay_seconds)
             if loop.time() + delay_seconds > give_up_at:
                 raise failure
