@@ -405,10 +405,11 @@ def goal_lines(scenario: Scenario) -> list[str]:
     return lines
 
 
-def render(run: Run, command: str) -> str:
+def render(run: Run) -> str:
     """docs/benchmarks-peers.md: how it was run, the table per scenario, the goals, then every repeat."""
     from bench.report import repeat_table
 
+    command = run.machine.get("command", "python -m bench.peers")
     out = [
         "# Benchmarks: Roundtable beside other agent servers (issue 14, item 4)",
         "",
@@ -423,8 +424,8 @@ def render(run: Run, command: str) -> str:
         "",
         "Servers run on core 0 (`taskset -c 0`), each started fresh for each sample; the load generator (and "
         "AutoGen's client, a process of its own) on core 1. The machine was shared with other work while this "
-        "ran (the 1-minute load average is in every sample): only same-run comparisons mean anything, and a "
-        "single repeat has no spread to show how much the neighbours moved it.",
+        "ran (the 1-minute load average is in every sample): only same-run comparisons mean anything, and with "
+        "so few repeats the [min–max] shown is all there is to judge how much the neighbours moved a figure.",
         "",
     ]
     for scenario in run.scenarios:
@@ -434,7 +435,13 @@ def render(run: Run, command: str) -> str:
         goals = goal_lines(scenario)
         if goals:
             out += ["Goals of issue 14, read against the same run:", "", *goals, ""]
-        out += [*[f"- {note}" for note in scenario.notes], "", "Every repeat:", "", *repeat_table(scenario), ""]
+        out += [f"- {note}" for note in scenario.notes]
+        if len(scenario.revisions) > 1:
+            out.append(
+                f"- The product code changed during this scenario ({', '.join(scenario.revisions)}: others edited "
+                "services/ while it ran); each sample carries the revision it ran."
+            )
+        out += ["", "Every repeat:", "", *repeat_table(scenario), ""]
     return "\n".join(out) + "\n"
 
 
@@ -448,7 +455,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-summary-row", action="store_true", help="add Roundtable with the moderator off")
     parser.add_argument("--profile", default=FULL.name, choices=sorted(PROFILES), help="latency and timeouts")
     parser.add_argument("--doc", type=pathlib.Path, default=DOC)
+    parser.add_argument("--render-only", action="store_true", help="re-render the doc from its saved run (JSON)")
     args = parser.parse_args(argv)
+    from bench.__main__ import RESULTS, machine
+
+    saved = RESULTS / f"{args.doc.stem}.json"
+    if args.render_only:
+        args.doc.write_text(render(Run.from_json(saved.read_text())))
+        print(f"wrote {args.doc} from {saved}")
+        return 0
     plan = PeerPlan(
         sizes=tuple(int(s) for s in args.sizes.split(",") if s.strip()),
         in_flight=args.in_flight,
@@ -456,8 +471,6 @@ def main(argv: list[str] | None = None) -> int:
         repeats=args.repeats,
         no_summary_row=args.no_summary_row,
     )
-    from bench.__main__ import RESULTS, machine
-
     procs.pin_self()
     profile = PROFILES[args.profile]
     run = Run(
@@ -475,10 +488,10 @@ def main(argv: list[str] | None = None) -> int:
     run.machine["load average at end"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
     run.machine["product revision at end"] = procs.product_revision()
     run.machine["duration"] = f"{time.monotonic() - started:.0f} s"
-    command = "python -m bench.peers " + " ".join(argv if argv is not None else sys.argv[1:])
+    run.machine["command"] = ("python -m bench.peers " + " ".join(argv if argv is not None else sys.argv[1:])).strip()
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{args.doc.stem}.json").write_text(run.to_json())
-    args.doc.write_text(render(run, command.strip()))
+    saved.write_text(run.to_json())
+    args.doc.write_text(render(run))
     print(f"wrote {args.doc}")
     return 0
 
