@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 
+from bench import peer_autogen_system
 from services.agents import local_model
 from services.shared.tools import IGNORE_SYSTEM_TOOLS_ENV, system_tools_ignored
 from tests.suite import Suite, start_suite
@@ -22,6 +23,8 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
     model_missing = local_model.missing()
     if model_missing is not None:
         lines.append(f"{model_missing} (its tests skip)")
+    if peer_autogen_system.peers_python() is None:
+        lines.append(f"{peer_autogen_system.missing_message()} (its benchmark smoke test skips)")
     return lines
 
 

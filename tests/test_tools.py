@@ -10,8 +10,11 @@ import sys
 
 import pytest
 
+from bench import peer_autogen_system
+from services.agents import local_model
 from services.shared.processes import redis_server_binary
 from services.shared.tools import IGNORE_SYSTEM_TOOLS_ENV, TOOLS, apt_get_command, find_tool, missing_tools
+from tests.conftest import pytest_report_header
 from tests.redis_server import running_redis
 from tests.tools import REQUIRE_TOOLS_ENV, missing_tools_notice, require, require_tool
 
@@ -109,6 +112,17 @@ def test_the_notice_names_the_missing_tools_and_the_one_install_command(fresh_ma
 
 def test_no_notice_when_every_tool_is_there(fake_path: pathlib.Path) -> None:
     assert missing_tools_notice() == []
+
+
+def test_the_header_also_names_the_local_model_and_the_peers_virtualenv_when_missing(
+    fresh_machine: None, tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch, pytestconfig: pytest.Config
+) -> None:
+    monkeypatch.setattr(local_model, "missing", lambda: "the local model is not installed (pretend)")
+    monkeypatch.setenv(peer_autogen_system.PEERS_VENV_ENV, str(tmp_path / "no-venv"))
+    header = pytest_report_header(pytestconfig)
+    assert header[:2] == missing_tools_notice()
+    assert "the local model is not installed (pretend) (its tests skip)" in header
+    assert any(peer_autogen_system.INSTALL_COMMAND in line for line in header)
 
 
 def test_the_test_run_opens_with_the_notice_once() -> None:
