@@ -11,6 +11,11 @@ CONCURRENT_DISCUSSIONS = 200
 
 
 async def test_concurrent_discussions_stay_isolated(suite: Suite) -> None:
+    await check_concurrent_discussions_stay_isolated(suite)
+
+
+async def check_concurrent_discussions_stay_isolated(suite: Suite) -> None:
+    """200 discussions at once: each ends with answers to its own topic, by agents of its own, events in order."""
     stub = suite.session()
     topics = [f"Topic number {i}: the future of city {i}" for i in range(CONCURRENT_DISCUSSIONS)]
     outcomes = await asyncio.gather(
@@ -20,8 +25,11 @@ async def test_concurrent_discussions_stay_isolated(suite: Suite) -> None:
         )
     )
     instance_owner: dict[str, str] = {}
-    for topic, (final, _events) in zip(topics, outcomes, strict=True):
+    for topic, (final, events) in zip(topics, outcomes, strict=True):
         assert final.status == session_pb2.DISCUSSION_STATUS_COMPLETED, final.error
+        # Each discussion's own events, gapless and in order, whatever else shared its way to the agents.
+        assert [e.sequence for e in events] == list(range(1, len(events) + 1))
+        assert {e.discussion_id for e in events} == {final.discussion_id}
         assert final.topic == topic
         assert {(r.agent, r.round) for r in final.results} == {("科学家", 1), ("经济学家", 1), ("主持人", 2)}
         for result in final.results:

@@ -98,3 +98,13 @@ LLM_BUDGET_STORE_ERRORS = Counter(
     "Budget operations the shared store (Redis) failed; the budget then fails open or closed per its policy.",
     ["backend"],
 )
+
+AGENT_LANES_OPEN = Gauge(
+    "roundtable_agent_lanes_open", "RunLane streams open on this replica (each carries many sessions' runs)."
+)
+AGENT_LANE_RUNS = Gauge("roundtable_agent_lane_runs", "Discussion runs in progress on this replica's lanes.")
+AGENT_LANE_EVENTS_PER_MESSAGE = Histogram(
+    "roundtable_agent_lane_events_per_message",
+    "Events batched into one RunLane response message.",
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+)

@@ -10,6 +10,7 @@ import grpc
 
 from services.agents.agent_set import AgentSetRegistry
 from services.agents.discussion import DiscussionRun, StreamingLimits
+from services.agents.lanes import Lane
 from services.agents.llm import CallOptions, LLMClient
 from services.agents.personas import PersonaRegistry
 from services.gen.roundtable.agents.v1 import agents_pb2, agents_pb2_grpc
@@ -72,6 +73,21 @@ class AgentServicer(agents_pb2_grpc.AgentServiceServicer):
         self, request: agents_pb2.RunDiscussionRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[agents_pb2.AgentEvent]:
         """Run the rounds and the summary for one session, streaming every event."""
+        remaining = context.time_remaining()
+        async for event in self.run_events(request, None if remaining is None else time.monotonic() + remaining):
+            yield event
+
+    async def RunLane(
+        self, requests: AsyncIterator[agents_pb2.RunLaneRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[agents_pb2.RunLaneResponse]:
+        """Many sessions' runs over one stream: runs, cancels, releases and credit in; batched events out."""
+        async for response in Lane(self.run_events, self._registry.release).serve(requests):
+            yield response
+
+    async def run_events(
+        self, request: agents_pb2.RunDiscussionRequest, deadline: float | None
+    ) -> AsyncIterator[agents_pb2.AgentEvent]:
+        """Validate the request, then run its rounds and summary with the session's agent set (monotonic deadline)."""
         if not request.session_id or len(request.session_id) > MAX_SESSION_ID_CHARS:
             raise InvalidArgument(f"session_id must be 1 to {MAX_SESSION_ID_CHARS} characters", "session_id")
         if not request.topic.strip() or len(request.topic) > MAX_TOPIC_CHARS:
@@ -100,7 +116,6 @@ class AgentServicer(agents_pb2_grpc.AgentServiceServicer):
             raise FailedPrecondition(f"session {request.session_id} is already running on this replica")
         agent_set = self._registry.acquire(request.session_id, personas)
         agent_set.running = True
-        remaining = context.time_remaining()
         run = DiscussionRun(
             agent_set=agent_set,
             topic=request.topic,
@@ -108,7 +123,7 @@ class AgentServicer(agents_pb2_grpc.AgentServiceServicer):
             rounds=request.rounds,
             llm=self._llm,
             limits=self._limits,
-            deadline=None if remaining is None else time.monotonic() + remaining,
+            deadline=deadline,
             start_round=request.start_round,
             prior_answers=prior,
             token_budget=request.token_budget,

@@ -120,31 +120,6 @@ class GrpcAgentsClient:
         self._runs = RunCap(max_concurrent_runs)
         AGENT_RUNS_WAITING.set_function(lambda: self._runs.waiting)
 
-    @classmethod
-    def connect(
-        cls,
-        address: str,
-        tls: ClientTlsSettings,
-        *,
-        max_message_bytes: int,
-        call_timeout_seconds: float,
-        max_concurrent_runs: int,
-    ) -> GrpcAgentsClient:
-        """A client on a new channel to `address` (no I/O until the first call)."""
-        channel = create_channel(
-            address,
-            tls,
-            interceptors=client_interceptors(),
-            options=[
-                ("grpc.max_receive_message_length", max_message_bytes),
-                ("grpc.max_send_message_length", max_message_bytes),
-                # The runner re-issues lost agent calls itself (runner.py); gRPC's own retry support
-                # keeps a replay buffer per call, ~5.6 KB per held discussion, for nothing.
-                ("grpc.enable_retries", 0),
-            ],
-        )
-        return cls(channel, call_timeout_seconds=call_timeout_seconds, max_concurrent_runs=max_concurrent_runs)
-
     async def run(self, doc: session_pb2.Discussion, principal: str) -> AsyncIterator[AgentEvent]:
         """Run the rest of the discussion as one RunDiscussion call; its events as they arrive."""
         request = run_request(doc, principal)
@@ -199,6 +174,22 @@ class GrpcAgentsClient:
     async def close(self) -> None:
         """Close the channel."""
         await self._channel.close()
+
+
+def agents_channel(address: str, tls: ClientTlsSettings, *, max_message_bytes: int) -> grpc.aio.Channel:
+    """A channel to the agent service (no I/O until the first call)."""
+    return create_channel(
+        address,
+        tls,
+        interceptors=client_interceptors(),
+        options=[
+            ("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.max_send_message_length", max_message_bytes),
+            # The runner re-issues lost agent runs itself (runner.py); gRPC's own retry support keeps a
+            # replay buffer per call, ~5.6 KB per held discussion, for nothing.
+            ("grpc.enable_retries", 0),
+        ],
+    )
 
 
 def run_request(doc: session_pb2.Discussion, principal: str) -> agents_pb2.RunDiscussionRequest:

@@ -9,7 +9,8 @@ import grpc
 
 from services.gen.roundtable.session.v1 import session_pb2_grpc
 from services.session.admission import Admission, MemoryAdmission
-from services.session.agents_client import AgentsClient, GrpcAgentsClient
+from services.session.agents_client import AgentsClient, GrpcAgentsClient, agents_channel
+from services.session.agents_lanes import LaneAgentsClient
 from services.session.auth import Authenticator, load_keys
 from services.session.cancel_relay import CancelRelay, LocalCancelRelay
 from services.session.discussions import Discussions
@@ -91,6 +92,25 @@ async def open_parts(settings: SessionSettings) -> SessionParts:
     )
 
 
+def _agents_client(settings: SessionSettings) -> GrpcAgentsClient:
+    """The agents port the settings name: lanes (many discussions per stream) or one call per discussion."""
+    channel = agents_channel(settings.agents_address, settings, max_message_bytes=settings.max_message_bytes)
+    if settings.agents_transport == "calls":
+        return GrpcAgentsClient(
+            channel,
+            call_timeout_seconds=settings.agents_call_timeout_seconds,
+            max_concurrent_runs=settings.max_concurrent_agent_runs,
+        )
+    return LaneAgentsClient(
+        channel,
+        call_timeout_seconds=settings.agents_call_timeout_seconds,
+        max_concurrent_runs=settings.max_concurrent_agent_runs,
+        lane_count=settings.agent_lanes,
+        lane_key_prefix=settings.instance_id,
+        lane_max_age_seconds=settings.agent_lane_max_age_seconds,
+    )
+
+
 class SessionService:
     """One session replica: its parts (made from the settings, or given ready-made) and the servicer over them."""
 
@@ -118,13 +138,7 @@ class SessionService:
         """Open the parts, connect to the agent service, take up leftovers, start the background loops."""
         settings = self.settings
         parts = self._parts = self._given_parts or await open_parts(settings)
-        self._agents = self._given_agents or GrpcAgentsClient.connect(
-            settings.agents_address,
-            settings,
-            max_message_bytes=settings.max_message_bytes,
-            call_timeout_seconds=settings.agents_call_timeout_seconds,
-            max_concurrent_runs=settings.max_concurrent_agent_runs,
-        )
+        self._agents = self._given_agents or _agents_client(settings)
         DISCUSSION_CAPACITY.labels("fleet" if parts.redis is not None else "replica").set(
             settings.max_concurrent_sessions
         )

@@ -112,6 +112,17 @@ class SessionSettings(ServiceSettings):
         description="Longest a whole discussion may take from its creation, queueing included, before it ends "
         "TIMED_OUT; also the most a request's timeout may ask. 0: none (requests may ask up to a week).",
     )
+    agents_transport: Literal["lanes", "calls"] = Field(
+        "lanes",
+        description="How discussions reach the agent service: lanes (many per long-lived stream) or calls (one "
+        "RunDiscussion stream each).",
+    )
+    agent_lanes: int = Field(
+        4, ge=1, le=256, description="Lanes (RunLane streams) per session replica, each keyed for the load balancer."
+    )
+    agent_lane_max_age_seconds: float = Field(
+        600.0, gt=0, description="A lane older than this is replaced (drained, a fresh one beside it): rebalancing."
+    )
     max_concurrent_agent_runs: int = Field(
         1000,
         ge=1,

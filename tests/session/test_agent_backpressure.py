@@ -71,7 +71,8 @@ async def behind_proxy(make_suite: MakeSuite) -> AsyncIterator[BehindProxy]:
         agents_pb2_grpc.add_AgentServiceServicer_to_server(watcher, server)  # type: ignore[no-untyped-call]
         port = server.add_insecure_port("127.0.0.1:0")
         await server.start()
-        await suite.restart_session(agents_address=f"127.0.0.1:{port}", **session)
+        # The proxy watches RunDiscussion calls: the per-call transport (lanes are tests/session/test_lanes.py's).
+        await suite.restart_session(agents_address=f"127.0.0.1:{port}", agents_transport="calls", **session)
         return suite, watcher
 
     yield start

@@ -47,12 +47,12 @@ def test_only_the_agents_port_imports_the_agent_services_stubs() -> None:
         for name, imports in session_modules().items()
         if any(m.startswith("services.gen.roundtable.agents") for m in imports)
     }
-    assert users == {"agents_client.py"}
+    assert users == {"agents_client.py", "agents_lanes.py"}
 
 
 def test_only_the_wiring_servicer_and_agents_port_import_grpc() -> None:
     users = {name for name, imports in session_modules().items() if "grpc" in imports or "grpc.aio" in imports}
-    assert users <= {"agents_client.py", "servicer.py", "service.py"}, users
+    assert users <= {"agents_client.py", "agents_lanes.py", "servicer.py", "service.py"}, users
 
 
 def test_discussions_is_the_only_module_that_combines_admission_runner_and_store() -> None:

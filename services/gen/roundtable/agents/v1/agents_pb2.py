@@ -22,10 +22,11 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
 from services.gen.roundtable.common.v1 import discussion_pb2 as roundtable_dot_common_dot_v1_dot_discussion__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!roundtable/agents/v1/agents.proto\x12\x14roundtable.agents.v1\x1a%roundtable/common/v1/discussion.proto\"p\n\x07Persona\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x61liases\x18\x02 \x03(\t\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\x12\x11\n\tmoderator\x18\x04 \x01(\x08\x12\x0f\n\x07\x62\x61\x63kend\x18\x05 \x01(\t\x12\r\n\x05model\x18\x06 \x01(\t\"\x15\n\x13ListPersonasRequest\"\x8f\x01\n\x14ListPersonasResponse\x12/\n\x08personas\x18\x01 \x03(\x0b\x32\x1d.roundtable.agents.v1.Persona\x12\x16\n\x0e\x64\x65\x66\x61ult_roster\x18\x02 \x03(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x03 \x01(\t\x12\r\n\x05model\x18\x04 \x01(\t\x12\x0e\n\x06notice\x18\x05 \x01(\t\"\xd3\x01\n\x14RunDiscussionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\r\n\x05topic\x18\x02 \x01(\t\x12\x10\n\x08personas\x18\x03 \x03(\t\x12\x0e\n\x06rounds\x18\x04 \x01(\x05\x12\x13\n\x0bstart_round\x18\x05 \x01(\x05\x12\x38\n\rprior_answers\x18\x06 \x03(\x0b\x32!.roundtable.agents.v1.PriorAnswer\x12\x14\n\x0ctoken_budget\x18\x07 \x01(\x03\x12\x11\n\tprincipal\x18\x08 \x01(\t\"9\n\x0bPriorAnswer\x12\r\n\x05\x61gent\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x05\x12\x0c\n\x04text\x18\x03 \x01(\t\"\x8d\x03\n\nAgentEvent\x12;\n\ragent_started\x18\x01 \x01(\x0b\x32\".roundtable.common.v1.AgentStartedH\x00\x12\x37\n\x0b\x61gent_delta\x18\x02 \x01(\x0b\x32 .roundtable.common.v1.AgentDeltaH\x00\x12?\n\x0f\x61gent_completed\x18\x03 \x01(\x0b\x32$.roundtable.common.v1.AgentCompletedH\x00\x12\x39\n\x0c\x61gent_failed\x18\x04 \x01(\x0b\x32!.roundtable.common.v1.AgentFailedH\x00\x12?\n\x0fround_completed\x18\x05 \x01(\x0b\x32$.roundtable.common.v1.RoundCompletedH\x00\x12\x43\n\x11summary_completed\x18\x06 \x01(\x0b\x32&.roundtable.common.v1.SummaryCompletedH\x00\x42\x07\n\x05\x65vent\"+\n\x15ReleaseSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"*\n\x16ReleaseSessionResponse\x12\x10\n\x08released\x18\x01 \x01(\x08\"*\n\x14GetAgentStatsRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"\xb7\x02\n\nAgentStats\x12\x17\n\x0flive_agent_sets\x18\x01 \x01(\x03\x12\x16\n\x0emax_agent_sets\x18\x02 \x01(\x03\x12 \n\x18\x63reated_agent_sets_total\x18\x03 \x01(\x03\x12!\n\x19released_agent_sets_total\x18\x04 \x01(\x03\x12\x17\n\x0fsession_present\x18\x05 \x01(\x08\x12\\\n\x17session_agent_instances\x18\x06 \x03(\x0b\x32;.roundtable.agents.v1.AgentStats.SessionAgentInstancesEntry\x1a<\n\x1aSessionAgentInstancesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x32\xa2\x03\n\x0c\x41gentService\x12\x65\n\x0cListPersonas\x12).roundtable.agents.v1.ListPersonasRequest\x1a*.roundtable.agents.v1.ListPersonasResponse\x12_\n\rRunDiscussion\x12*.roundtable.agents.v1.RunDiscussionRequest\x1a .roundtable.agents.v1.AgentEvent0\x01\x12k\n\x0eReleaseSession\x12+.roundtable.agents.v1.ReleaseSessionRequest\x1a,.roundtable.agents.v1.ReleaseSessionResponse\x12]\n\rGetAgentStats\x12*.roundtable.agents.v1.GetAgentStatsRequest\x1a .roundtable.agents.v1.AgentStatsb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!roundtable/agents/v1/agents.proto\x12\x14roundtable.agents.v1\x1a\x1egoogle/protobuf/duration.proto\x1a%roundtable/common/v1/discussion.proto\"p\n\x07Persona\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x61liases\x18\x02 \x03(\t\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\x12\x11\n\tmoderator\x18\x04 \x01(\x08\x12\x0f\n\x07\x62\x61\x63kend\x18\x05 \x01(\t\x12\r\n\x05model\x18\x06 \x01(\t\"\x15\n\x13ListPersonasRequest\"\x8f\x01\n\x14ListPersonasResponse\x12/\n\x08personas\x18\x01 \x03(\x0b\x32\x1d.roundtable.agents.v1.Persona\x12\x16\n\x0e\x64\x65\x66\x61ult_roster\x18\x02 \x03(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x03 \x01(\t\x12\r\n\x05model\x18\x04 \x01(\t\x12\x0e\n\x06notice\x18\x05 \x01(\t\"\xd3\x01\n\x14RunDiscussionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\r\n\x05topic\x18\x02 \x01(\t\x12\x10\n\x08personas\x18\x03 \x03(\t\x12\x0e\n\x06rounds\x18\x04 \x01(\x05\x12\x13\n\x0bstart_round\x18\x05 \x01(\x05\x12\x38\n\rprior_answers\x18\x06 \x03(\x0b\x32!.roundtable.agents.v1.PriorAnswer\x12\x14\n\x0ctoken_budget\x18\x07 \x01(\x03\x12\x11\n\tprincipal\x18\x08 \x01(\t\"9\n\x0bPriorAnswer\x12\r\n\x05\x61gent\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x05\x12\x0c\n\x04text\x18\x03 \x01(\t\"\x8d\x03\n\nAgentEvent\x12;\n\ragent_started\x18\x01 \x01(\x0b\x32\".roundtable.common.v1.AgentStartedH\x00\x12\x37\n\x0b\x61gent_delta\x18\x02 \x01(\x0b\x32 .roundtable.common.v1.AgentDeltaH\x00\x12?\n\x0f\x61gent_completed\x18\x03 \x01(\x0b\x32$.roundtable.common.v1.AgentCompletedH\x00\x12\x39\n\x0c\x61gent_failed\x18\x04 \x01(\x0b\x32!.roundtable.common.v1.AgentFailedH\x00\x12?\n\x0fround_completed\x18\x05 \x01(\x0b\x32$.roundtable.common.v1.RoundCompletedH\x00\x12\x43\n\x11summary_completed\x18\x06 \x01(\x0b\x32&.roundtable.common.v1.SummaryCompletedH\x00\x42\x07\n\x05\x65vent\"+\n\x15ReleaseSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"*\n\x16ReleaseSessionResponse\x12\x10\n\x08released\x18\x01 \x01(\x08\"*\n\x14GetAgentStatsRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"\xb7\x02\n\nAgentStats\x12\x17\n\x0flive_agent_sets\x18\x01 \x01(\x03\x12\x16\n\x0emax_agent_sets\x18\x02 \x01(\x03\x12 \n\x18\x63reated_agent_sets_total\x18\x03 \x01(\x03\x12!\n\x19released_agent_sets_total\x18\x04 \x01(\x03\x12\x17\n\x0fsession_present\x18\x05 \x01(\x08\x12\\\n\x17session_agent_instances\x18\x06 \x03(\x0b\x32;.roundtable.agents.v1.AgentStats.SessionAgentInstancesEntry\x1a<\n\x1aSessionAgentInstancesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xf1\x01\n\x0eRunLaneRequest\x12,\n\x03run\x18\x01 \x01(\x0b\x32\x1d.roundtable.agents.v1.LaneRunH\x00\x12\x32\n\x06\x63\x61ncel\x18\x02 \x01(\x0b\x32 .roundtable.agents.v1.LaneCancelH\x00\x12>\n\x07release\x18\x03 \x01(\x0b\x32+.roundtable.agents.v1.ReleaseSessionRequestH\x00\x12\x32\n\x06\x63redit\x18\x04 \x01(\x0b\x32 .roundtable.agents.v1.LaneCreditH\x00\x42\t\n\x07request\"\x82\x01\n\x07LaneRun\x12;\n\x07request\x18\x01 \x01(\x0b\x32*.roundtable.agents.v1.RunDiscussionRequest\x12*\n\x07timeout\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x0e\n\x06window\x18\x03 \x01(\x05\" \n\nLaneCancel\x12\x12\n\nsession_id\x18\x01 \x01(\t\"0\n\nLaneCredit\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0e\n\x06\x65vents\x18\x02 \x01(\x05\"B\n\x0fRunLaneResponse\x12/\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x1f.roundtable.agents.v1.LaneEvent\"\x9a\x01\n\tLaneEvent\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x37\n\x0b\x61gent_event\x18\x02 \x01(\x0b\x32 .roundtable.agents.v1.AgentEventH\x00\x12\x37\n\trun_ended\x18\x03 \x01(\x0b\x32\".roundtable.agents.v1.LaneRunEndedH\x00\x42\x07\n\x05\x65vent\"-\n\x0cLaneRunEnded\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t2\xfe\x03\n\x0c\x41gentService\x12\x65\n\x0cListPersonas\x12).roundtable.agents.v1.ListPersonasRequest\x1a*.roundtable.agents.v1.ListPersonasResponse\x12_\n\rRunDiscussion\x12*.roundtable.agents.v1.RunDiscussionRequest\x1a .roundtable.agents.v1.AgentEvent0\x01\x12k\n\x0eReleaseSession\x12+.roundtable.agents.v1.ReleaseSessionRequest\x1a,.roundtable.agents.v1.ReleaseSessionResponse\x12]\n\rGetAgentStats\x12*.roundtable.agents.v1.GetAgentStatsRequest\x1a .roundtable.agents.v1.AgentStats\x12Z\n\x07RunLane\x12$.roundtable.agents.v1.RunLaneRequest\x1a%.roundtable.agents.v1.RunLaneResponse(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,28 +35,42 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_AGENTSTATS_SESSIONAGENTINSTANCESENTRY']._loaded_options = None
   _globals['_AGENTSTATS_SESSIONAGENTINSTANCESENTRY']._serialized_options = b'8\001'
-  _globals['_PERSONA']._serialized_start=98
-  _globals['_PERSONA']._serialized_end=210
-  _globals['_LISTPERSONASREQUEST']._serialized_start=212
-  _globals['_LISTPERSONASREQUEST']._serialized_end=233
-  _globals['_LISTPERSONASRESPONSE']._serialized_start=236
-  _globals['_LISTPERSONASRESPONSE']._serialized_end=379
-  _globals['_RUNDISCUSSIONREQUEST']._serialized_start=382
-  _globals['_RUNDISCUSSIONREQUEST']._serialized_end=593
-  _globals['_PRIORANSWER']._serialized_start=595
-  _globals['_PRIORANSWER']._serialized_end=652
-  _globals['_AGENTEVENT']._serialized_start=655
-  _globals['_AGENTEVENT']._serialized_end=1052
-  _globals['_RELEASESESSIONREQUEST']._serialized_start=1054
-  _globals['_RELEASESESSIONREQUEST']._serialized_end=1097
-  _globals['_RELEASESESSIONRESPONSE']._serialized_start=1099
-  _globals['_RELEASESESSIONRESPONSE']._serialized_end=1141
-  _globals['_GETAGENTSTATSREQUEST']._serialized_start=1143
-  _globals['_GETAGENTSTATSREQUEST']._serialized_end=1185
-  _globals['_AGENTSTATS']._serialized_start=1188
-  _globals['_AGENTSTATS']._serialized_end=1499
-  _globals['_AGENTSTATS_SESSIONAGENTINSTANCESENTRY']._serialized_start=1439
-  _globals['_AGENTSTATS_SESSIONAGENTINSTANCESENTRY']._serialized_end=1499
-  _globals['_AGENTSERVICE']._serialized_start=1502
-  _globals['_AGENTSERVICE']._serialized_end=1920
+  _globals['_PERSONA']._serialized_start=130
+  _globals['_PERSONA']._serialized_end=242
+  _globals['_LISTPERSONASREQUEST']._serialized_start=244
+  _globals['_LISTPERSONASREQUEST']._serialized_end=265
+  _globals['_LISTPERSONASRESPONSE']._serialized_start=268
+  _globals['_LISTPERSONASRESPONSE']._serialized_end=411
+  _globals['_RUNDISCUSSIONREQUEST']._serialized_start=414
+  _globals['_RUNDISCUSSIONREQUEST']._serialized_end=625
+  _globals['_PRIORANSWER']._serialized_start=627
+  _globals['_PRIORANSWER']._serialized_end=684
+  _globals['_AGENTEVENT']._serialized_start=687
+  _globals['_AGENTEVENT']._serialized_end=1084
+  _globals['_RELEASESESSIONREQUEST']._serialized_start=1086
+  _globals['_RELEASESESSIONREQUEST']._serialized_end=1129
+  _globals['_RELEASESESSIONRESPONSE']._serialized_start=1131
+  _globals['_RELEASESESSIONRESPONSE']._serialized_end=1173
+  _globals['_GETAGENTSTATSREQUEST']._serialized_start=1175
+  _globals['_GETAGENTSTATSREQUEST']._serialized_end=1217
+  _globals['_AGENTSTATS']._serialized_start=1220
+  _globals['_AGENTSTATS']._serialized_end=1531
+  _globals['_AGENTSTATS_SESSIONAGENTINSTANCESENTRY']._serialized_start=1471
+  _globals['_AGENTSTATS_SESSIONAGENTINSTANCESENTRY']._serialized_end=1531
+  _globals['_RUNLANEREQUEST']._serialized_start=1534
+  _globals['_RUNLANEREQUEST']._serialized_end=1775
+  _globals['_LANERUN']._serialized_start=1778
+  _globals['_LANERUN']._serialized_end=1908
+  _globals['_LANECANCEL']._serialized_start=1910
+  _globals['_LANECANCEL']._serialized_end=1942
+  _globals['_LANECREDIT']._serialized_start=1944
+  _globals['_LANECREDIT']._serialized_end=1992
+  _globals['_RUNLANERESPONSE']._serialized_start=1994
+  _globals['_RUNLANERESPONSE']._serialized_end=2060
+  _globals['_LANEEVENT']._serialized_start=2063
+  _globals['_LANEEVENT']._serialized_end=2217
+  _globals['_LANERUNENDED']._serialized_start=2219
+  _globals['_LANERUNENDED']._serialized_end=2264
+  _globals['_AGENTSERVICE']._serialized_start=2267
+  _globals['_AGENTSERVICE']._serialized_end=2777
 # @@protoc_insertion_point(module_scope)

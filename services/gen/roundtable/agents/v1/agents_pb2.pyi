@@ -5,6 +5,7 @@ Internal API: the session service drives one isolated agent set per session."""
 
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
+from google.protobuf import duration_pb2 as _duration_pb2
 from google.protobuf import message as _message
 from google.protobuf.internal import containers as _containers
 from services.gen.roundtable.common.v1 import discussion_pb2 as _discussion_pb2
@@ -350,3 +351,192 @@ class AgentStats(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___AgentStats: _TypeAlias = AgentStats  # noqa: Y015
+
+@_typing.final
+class RunLaneRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RUN_FIELD_NUMBER: _builtins.int
+    CANCEL_FIELD_NUMBER: _builtins.int
+    RELEASE_FIELD_NUMBER: _builtins.int
+    CREDIT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def run(self) -> Global___LaneRun: ...
+    @_builtins.property
+    def cancel(self) -> Global___LaneCancel: ...
+    @_builtins.property
+    def release(self) -> Global___ReleaseSessionRequest: ...
+    @_builtins.property
+    def credit(self) -> Global___LaneCredit: ...
+    def __init__(
+        self,
+        *,
+        run: Global___LaneRun | None = ...,
+        cancel: Global___LaneCancel | None = ...,
+        release: Global___ReleaseSessionRequest | None = ...,
+        credit: Global___LaneCredit | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["cancel", b"cancel", "credit", b"credit", "release", b"release", "request", b"request", "run", b"run"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cancel", b"cancel", "credit", b"credit", "release", b"release", "request", b"request", "run", b"run"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_request: _TypeAlias = _typing.Literal["run", "cancel", "release", "credit"]  # noqa: Y015
+    _WhichOneofArgType_request: _TypeAlias = _typing.Literal["request", b"request"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_request) -> _WhichOneofReturnType_request | None: ...
+
+Global___RunLaneRequest: _TypeAlias = RunLaneRequest  # noqa: Y015
+
+@_typing.final
+class LaneRun(_message.Message):
+    """Start (or resume) one session's discussion on the lane."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_FIELD_NUMBER: _builtins.int
+    TIMEOUT_FIELD_NUMBER: _builtins.int
+    WINDOW_FIELD_NUMBER: _builtins.int
+    window: _builtins.int
+    """Events the agent service may send for this run before it waits for credit (0: a default)."""
+    @_builtins.property
+    def request(self) -> Global___RunDiscussionRequest: ...
+    @_builtins.property
+    def timeout(self) -> _duration_pb2.Duration:
+        """The run's deadline, from its arrival, as a RunDiscussion call's deadline; unset: none."""
+
+    def __init__(
+        self,
+        *,
+        request: Global___RunDiscussionRequest | None = ...,
+        timeout: _duration_pb2.Duration | None = ...,
+        window: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["request", b"request", "timeout", b"timeout"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["request", b"request", "timeout", b"timeout", "window", b"window"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LaneRun: _TypeAlias = LaneRun  # noqa: Y015
+
+@_typing.final
+class LaneCancel(_message.Message):
+    """Stop a session's run now; the lane answers with its LaneRunEnded (CANCELLED)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SESSION_ID_FIELD_NUMBER: _builtins.int
+    session_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        session_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["session_id", b"session_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LaneCancel: _TypeAlias = LaneCancel  # noqa: Y015
+
+@_typing.final
+class LaneCredit(_message.Message):
+    """The session service consumed this many more of the session's events: that many more may come."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SESSION_ID_FIELD_NUMBER: _builtins.int
+    EVENTS_FIELD_NUMBER: _builtins.int
+    session_id: _builtins.str
+    events: _builtins.int
+    def __init__(
+        self,
+        *,
+        session_id: _builtins.str = ...,
+        events: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["events", b"events", "session_id", b"session_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LaneCredit: _TypeAlias = LaneCredit  # noqa: Y015
+
+@_typing.final
+class RunLaneResponse(_message.Message):
+    """The events ready when the lane last wrote, of any of its sessions, each session's in order."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EVENTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def events(self) -> _containers.RepeatedCompositeFieldContainer[Global___LaneEvent]: ...
+    def __init__(
+        self,
+        *,
+        events: _abc.Iterable[Global___LaneEvent] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["events", b"events"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RunLaneResponse: _TypeAlias = RunLaneResponse  # noqa: Y015
+
+@_typing.final
+class LaneEvent(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SESSION_ID_FIELD_NUMBER: _builtins.int
+    AGENT_EVENT_FIELD_NUMBER: _builtins.int
+    RUN_ENDED_FIELD_NUMBER: _builtins.int
+    session_id: _builtins.str
+    @_builtins.property
+    def agent_event(self) -> Global___AgentEvent: ...
+    @_builtins.property
+    def run_ended(self) -> Global___LaneRunEnded:
+        """The run is over: nothing more comes for it."""
+
+    def __init__(
+        self,
+        *,
+        session_id: _builtins.str = ...,
+        agent_event: Global___AgentEvent | None = ...,
+        run_ended: Global___LaneRunEnded | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["agent_event", b"agent_event", "event", b"event", "run_ended", b"run_ended"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_event", b"agent_event", "event", b"event", "run_ended", b"run_ended", "session_id", b"session_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_event: _TypeAlias = _typing.Literal["agent_event", "run_ended"]  # noqa: Y015
+    _WhichOneofArgType_event: _TypeAlias = _typing.Literal["event", b"event"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_event) -> _WhichOneofReturnType_event | None: ...
+
+Global___LaneEvent: _TypeAlias = LaneEvent  # noqa: Y015
+
+@_typing.final
+class LaneRunEnded(_message.Message):
+    """How a run ended, as a RunDiscussion call's status would say it."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CODE_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    code: _builtins.int
+    """A google.rpc.Code: 0 (OK) when the run reached its end."""
+    message: _builtins.str
+    def __init__(
+        self,
+        *,
+        code: _builtins.int = ...,
+        message: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "message", b"message"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LaneRunEnded: _TypeAlias = LaneRunEnded  # noqa: Y015

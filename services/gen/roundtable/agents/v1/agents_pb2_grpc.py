@@ -55,6 +55,11 @@ class AgentServiceStub:
                 request_serializer=roundtable_dot_agents_dot_v1_dot_agents__pb2.GetAgentStatsRequest.SerializeToString,
                 response_deserializer=roundtable_dot_agents_dot_v1_dot_agents__pb2.AgentStats.FromString,
                 _registered_method=True)
+        self.RunLane = channel.stream_stream(
+                '/roundtable.agents.v1.AgentService/RunLane',
+                request_serializer=roundtable_dot_agents_dot_v1_dot_agents__pb2.RunLaneRequest.SerializeToString,
+                response_deserializer=roundtable_dot_agents_dot_v1_dot_agents__pb2.RunLaneResponse.FromString,
+                _registered_method=True)
 
 
 class AgentServiceServicer:
@@ -89,6 +94,15 @@ class AgentServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RunLane(self, request_iterator, context):
+        """Many discussions over one long-lived stream (a "lane"): runs, cancels, releases and flow-control
+        credit go in, the runs' events come back in batches, each tagged with its session. A session
+        replica opens a few lanes, each with its own x-session-id lane key for the load balancer.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AgentServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -111,6 +125,11 @@ def add_AgentServiceServicer_to_server(servicer, server):
                     servicer.GetAgentStats,
                     request_deserializer=roundtable_dot_agents_dot_v1_dot_agents__pb2.GetAgentStatsRequest.FromString,
                     response_serializer=roundtable_dot_agents_dot_v1_dot_agents__pb2.AgentStats.SerializeToString,
+            ),
+            'RunLane': grpc.stream_stream_rpc_method_handler(
+                    servicer.RunLane,
+                    request_deserializer=roundtable_dot_agents_dot_v1_dot_agents__pb2.RunLaneRequest.FromString,
+                    response_serializer=roundtable_dot_agents_dot_v1_dot_agents__pb2.RunLaneResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -222,6 +241,33 @@ class AgentService:
             '/roundtable.agents.v1.AgentService/GetAgentStats',
             roundtable_dot_agents_dot_v1_dot_agents__pb2.GetAgentStatsRequest.SerializeToString,
             roundtable_dot_agents_dot_v1_dot_agents__pb2.AgentStats.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RunLane(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/roundtable.agents.v1.AgentService/RunLane',
+            roundtable_dot_agents_dot_v1_dot_agents__pb2.RunLaneRequest.SerializeToString,
+            roundtable_dot_agents_dot_v1_dot_agents__pb2.RunLaneResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -41,6 +41,11 @@ class AgentServiceStub:
     """Drops the session's agent set now."""
     GetAgentStats: _grpc.UnaryUnaryMultiCallable[_agents_pb2.GetAgentStatsRequest, _agents_pb2.AgentStats]
     """Live agent sets on this replica, for the monitor and for tests."""
+    RunLane: _grpc.StreamStreamMultiCallable[_agents_pb2.RunLaneRequest, _agents_pb2.RunLaneResponse]
+    """Many discussions over one long-lived stream (a "lane"): runs, cancels, releases and flow-control
+    credit go in, the runs' events come back in batches, each tagged with its session. A session
+    replica opens a few lanes, each with its own x-session-id lane key for the load balancer.
+    """
 
 @_typing.type_check_only
 class AgentServiceAsyncStub(AgentServiceStub):
@@ -55,6 +60,11 @@ class AgentServiceAsyncStub(AgentServiceStub):
     """Drops the session's agent set now."""
     GetAgentStats: _aio.UnaryUnaryMultiCallable[_agents_pb2.GetAgentStatsRequest, _agents_pb2.AgentStats]  # type: ignore[assignment]
     """Live agent sets on this replica, for the monitor and for tests."""
+    RunLane: _aio.StreamStreamMultiCallable[_agents_pb2.RunLaneRequest, _agents_pb2.RunLaneResponse]  # type: ignore[assignment]
+    """Many discussions over one long-lived stream (a "lane"): runs, cancels, releases and flow-control
+    credit go in, the runs' events come back in batches, each tagged with its session. A session
+    replica opens a few lanes, each with its own x-session-id lane key for the load balancer.
+    """
 
 class AgentServiceServicer(metaclass=_abc_1.ABCMeta):
     """Runs discussions with a fresh agent set per session."""
@@ -90,5 +100,16 @@ class AgentServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_agents_pb2.AgentStats, _abc.Awaitable[_agents_pb2.AgentStats]]:
         """Live agent sets on this replica, for the monitor and for tests."""
+
+    @_abc_1.abstractmethod
+    def RunLane(
+        self,
+        request_iterator: _MaybeAsyncIterator[_agents_pb2.RunLaneRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_agents_pb2.RunLaneResponse], _abc.AsyncIterator[_agents_pb2.RunLaneResponse]]:
+        """Many discussions over one long-lived stream (a "lane"): runs, cancels, releases and flow-control
+        credit go in, the runs' events come back in batches, each tagged with its session. A session
+        replica opens a few lanes, each with its own x-session-id lane key for the load balancer.
+        """
 
 def add_AgentServiceServicer_to_server(servicer: AgentServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
