@@ -39,6 +39,15 @@ RESUMABLE_STREAM_CODES = RETRYABLE_CODES | {
 
 T = TypeVar("T")
 
+# A connection that goes silent (a dead peer, a partition: no reset, no FIN) is found by pings, so a
+# stream waiting on it is reopened instead of hanging. Roundtable's servers accept a ping every 10 s;
+# an unanswered one closes the connection after 10 s (gRPC's own default waits a minute).
+DEFAULT_CHANNEL_OPTIONS: tuple[tuple[str, Any], ...] = (
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.http2.ping_timeout_ms", 10_000),
+)
+
 
 def env(name: str, default: str = "") -> str:
     """A ROUNDTABLE_* environment variable (ROUNDTABLE_ADDRESS, ROUNDTABLE_API_KEY, ROUNDTABLE_TLS_*)."""
@@ -118,7 +127,8 @@ class Client:
         self._retry = retry or RetryPolicy()
         self._on_retry = on_retry
         self._interceptors = list(interceptors)
-        self._channel_options = list(channel_options)
+        # The caller's options win over the defaults they name.
+        self._channel_options = list({**dict(DEFAULT_CHANNEL_OPTIONS), **dict(channel_options)}.items())
         self._auth: tuple[tuple[str, str], ...] = (("authorization", f"Bearer {key}"),) if key else ()
         self._channel: grpc.aio.Channel | None = None
         self._stub_cache: session_pb2_grpc.SessionServiceAsyncStub | None = None
@@ -316,7 +326,7 @@ class Client:
     def _stub(self) -> session_pb2_grpc.SessionServiceAsyncStub:
         # Made on first use, inside the event loop that will run the calls.
         if self._stub_cache is None:
-            options = self._channel_options or None
+            options = self._channel_options
             interceptors = self._interceptors or None
             if self._tls is None:
                 self._channel = grpc.aio.insecure_channel(self.address, options=options, interceptors=interceptors)
