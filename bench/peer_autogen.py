@@ -17,7 +17,8 @@ response, both through the host), the other way AutoGen's API offers.
 
 The host and worker print the suite's ready line ("<name> listening on ADDRESS metrics -1"); the
 worker's address answers /bench.Control/Stats with its counts (created: discussions received,
-completed: discussions whose three answers went out), so a run is validated by the server's side.
+completed: discussions whose three answers went out), so a run is validated by the server's side,
+and /bench.Peer/PeakActive with the most discussions it held at once.
 The client prints one JSON object: when it published each discussion, when each one's third answer
 came, and the answers counted.
 """
@@ -55,6 +56,9 @@ ANSWER_TOPIC = "answer"
 PANEL_KEY = "panel"
 COLLECTOR = "collector"
 ANSWER_WORDS = 60
+# The worker's extra count beside /bench.Control/Stats (bench/peer_autogen_system.PEAK_ACTIVE_METHOD reads it).
+PEAK_ACTIVE_SERVICE = "bench.Peer"
+PEAK_ACTIVE_NAME = "PeakActive"
 # How long the host's server lets calls finish once asked to stop.
 STOP_GRACE_SECONDS = 2
 
@@ -91,12 +95,15 @@ class WorkerTally:
 
     counters: Counters = field(default_factory=Counters)
     owed_answers: dict[str, int] = field(default_factory=dict)
+    # The most discussions the worker held at once (received, not yet answered by all three).
+    peak_active: int = 0
 
     def received(self, discussion_id: str) -> None:
         """A panelist got a discussion: the first of the three counts it as created."""
         if discussion_id not in self.owed_answers:
             self.owed_answers[discussion_id] = len(PANELISTS)
             self.counters.created += 1
+            self.peak_active = max(self.peak_active, len(self.owed_answers))
 
     def answered(self, discussion_id: str) -> None:
         """A panelist published its answer: the last of the three completes the discussion."""
@@ -178,6 +185,16 @@ class Collector(RoutedAgent):
         self._tally.answer(message)
 
 
+def peak_active_handler(tally: WorkerTally) -> grpc.GenericRpcHandler:
+    """/bench.Peer/PeakActive: the worker's peak of discussions held at once, as JSON {"peak_active": N}."""
+
+    async def behaviour(request: bytes, context: object) -> bytes:
+        return json.dumps({"peak_active": tally.peak_active}).encode()
+
+    method: grpc.RpcMethodHandler[bytes, bytes] = grpc.unary_unary_rpc_method_handler(behaviour)
+    return grpc.method_handlers_generic_handler(PEAK_ACTIVE_SERVICE, {PEAK_ACTIVE_NAME: method})
+
+
 async def _until_signalled() -> None:
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -214,7 +231,7 @@ async def run_worker(host_address: str, latency_seconds: float) -> None:
         await runtime.add_subscription(TypeSubscription(topic_type=DISCUSSION_TOPIC, agent_type=name))
     # The counts on a port of their own: the runtime's server is the host's, not ours to extend.
     stats = grpc.aio.server()
-    stats.add_generic_rpc_handlers([stats_handler(tally.counters)])
+    stats.add_generic_rpc_handlers([stats_handler(tally.counters), peak_active_handler(tally)])
     stats_port = stats.add_insecure_port("127.0.0.1:0")
     await stats.start()
     announce("autogen-worker", stats_port)

@@ -14,6 +14,8 @@ import os
 import pathlib
 from dataclasses import dataclass
 
+import grpc
+
 from bench import procs
 from bench.systems import System
 from services.shared.processes import free_port
@@ -21,6 +23,8 @@ from services.shared.processes import free_port
 INSTALL_COMMAND = "scripts/install_peers.sh"
 # Where scripts/install_peers.sh puts the virtualenv unless told otherwise (keep the two in step).
 PEERS_VENV_ENV = "ROUNDTABLE_PEERS_VENV"
+# The worker's peak of discussions held at once (served by bench/peer_autogen.peak_active_handler: keep in step).
+PEAK_ACTIVE_METHOD = "/bench.Peer/PeakActive"
 # The client's own cap on waiting, beyond the run's timeout, before the bench gives up on it.
 CLIENT_EXIT_SLACK_SECONDS = 30.0
 
@@ -92,6 +96,14 @@ async def start_autogen(workdir: pathlib.Path, latency_seconds: float) -> AutoGe
     # The worker's address answers /bench.Control/Stats, so System.counts() reads it like a baseline's.
     system = System(name="autogen", address=worker.address, procs=[host, worker])
     return AutoGenSystem(system=system, host_address=host.address, python=python)
+
+
+async def read_peak_active(started: AutoGenSystem) -> int:
+    """The most discussions the worker held at once (received from the host, not yet answered by all three)."""
+    async with grpc.aio.insecure_channel(started.system.address) as channel:
+        call: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(PEAK_ACTIVE_METHOD)
+        raw = await call(b"", timeout=30)
+    return int(json.loads(raw)["peak_active"])
 
 
 async def run_client(
