@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import random
+from typing import Any
 
 import grpc
 import pytest
-from roundtable_client import Client, Retry, RetryPolicy
+from roundtable_client import Client, DiscussionStatus, NotFound, Retry, RetryPolicy
 
 from services.shared.processes import free_port
 from tests.client.conftest import PERSONAS, MakeSuite
@@ -51,3 +52,38 @@ async def test_a_create_retried_through_unavailable_lands_once_the_server_is_up(
     assert listed.count(created.discussion_id) == 1
     assert retries and {retry.code for retry in retries} == {grpc.StatusCode.UNAVAILABLE}
     assert all(retry.method == "CreateDiscussion" for retry in retries)
+
+
+class _LoseFirstReply(grpc.aio.UnaryUnaryClientInterceptor):
+    """Lets the first call of `method` reach the server and do its work, then reports UNAVAILABLE (a lost reply)."""
+
+    def __init__(self, method: str) -> None:
+        self.method = method.encode()
+        self.lost = 0
+
+    async def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        call = await continuation(details, request)
+        if details.method.endswith(self.method) and not self.lost:
+            await call  # done on the server
+            self.lost += 1
+            raise grpc.aio.AioRpcError(
+                grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(), "reply lost (test)"
+            )
+        return call
+
+
+async def test_a_cancel_and_a_delete_whose_reply_was_lost_are_retried_to_success(make_suite: MakeSuite) -> None:
+    """The retry of a cancel that did go through finds it CANCELLED, of a delete finds it gone: both succeed."""
+    suite = await make_suite(simulator={"first_token_latency_ms": 2000})
+    cancel_lost, delete_lost = _LoseFirstReply("/CancelDiscussion"), _LoseFirstReply("/DeleteDiscussion")
+    async with Client(suite.session_host.address, interceptors=[cancel_lost, delete_lost]) as client:
+        created = await client.create("Lost in the mail", personas=PERSONAS)
+        cancelled = await client.cancel(created.discussion_id)
+        assert DiscussionStatus.of(cancelled.status) == DiscussionStatus.CANCELLED
+        await client.delete(created.discussion_id)
+        with pytest.raises(NotFound):
+            await client.get(created.discussion_id)
+        # Without a lost reply the same calls still say what happened.
+        with pytest.raises(NotFound):
+            await client.delete(created.discussion_id)
+    assert (cancel_lost.lost, delete_lost.lost) == (1, 1)

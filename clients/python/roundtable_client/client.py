@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 import grpc
 
 from roundtable_client._gen.roundtable.session.v1 import session_pb2, session_pb2_grpc
-from roundtable_client.errors import RoundtableError, Unavailable, from_rpc_error
+from roundtable_client.errors import FailedPrecondition, NotFound, RoundtableError, Unavailable, from_rpc_error
 from roundtable_client.events import DiscussionStatus, Event, StatusChanged, from_proto
 from roundtable_client.retry import RETRYABLE_CODES, Retry, RetryPolicy
 
@@ -90,6 +90,13 @@ class Tls:
             private_key=read(self.key_file),
             certificate_chain=read(self.cert_file),
         )
+
+
+@dataclass
+class _Attempts:
+    """What the retries of one call saw: an UNAVAILABLE may have lost the reply of an attempt that went through."""
+
+    retried_unavailable: bool = False
 
 
 class Client:
@@ -200,21 +207,37 @@ class Client:
         """Stop a discussion now (partial results kept); FailedPrecondition when it had already finished."""
         request = session_pb2.CancelDiscussionRequest(discussion_id=discussion_id)
         stub, metadata = self._stub(), self._metadata(discussion_id)
-        return await self._unary(
-            "CancelDiscussion",
-            lambda remaining: stub.CancelDiscussion(request, metadata=metadata, timeout=remaining),
-            timeout_seconds,
-        )
+        attempts = _Attempts()
+        try:
+            return await self._unary(
+                "CancelDiscussion",
+                lambda remaining: stub.CancelDiscussion(request, metadata=metadata, timeout=remaining),
+                timeout_seconds,
+                attempts,
+            )
+        except FailedPrecondition:
+            # After a lost reply, "already finished" may be this very cancel's doing.
+            if attempts.retried_unavailable:
+                doc = await self.get(discussion_id, timeout_seconds=timeout_seconds)
+                if DiscussionStatus.of(doc.status) == DiscussionStatus.CANCELLED:
+                    return doc
+            raise
 
     async def delete(self, discussion_id: str, *, timeout_seconds: float | None = None) -> None:
         """Remove a discussion, its events and its agents."""
         request = session_pb2.DeleteDiscussionRequest(discussion_id=discussion_id)
         stub, metadata = self._stub(), self._metadata(discussion_id)
-        await self._unary(
-            "DeleteDiscussion",
-            lambda remaining: stub.DeleteDiscussion(request, metadata=metadata, timeout=remaining),
-            timeout_seconds,
-        )
+        attempts = _Attempts()
+        try:
+            await self._unary(
+                "DeleteDiscussion",
+                lambda remaining: stub.DeleteDiscussion(request, metadata=metadata, timeout=remaining),
+                timeout_seconds,
+                attempts,
+            )
+        except NotFound:
+            if not attempts.retried_unavailable:  # after a lost reply, gone is what was asked
+                raise
 
     async def list(
         self, *, status: DiscussionStatus | None = None, page_size: int = 100, timeout_seconds: float | None = None
@@ -352,7 +375,13 @@ class Client:
         """The API key, and the discussion id a load balancer hashes on so every call of it lands together."""
         return (*self._auth, (SESSION_ID_HEADER, discussion_id)) if discussion_id else self._auth
 
-    async def _unary(self, method: str, attempt: Callable[[float], Awaitable[T]], timeout_seconds: float | None) -> T:
+    async def _unary(
+        self,
+        method: str,
+        attempt: Callable[[float], Awaitable[T]],
+        timeout_seconds: float | None,
+        attempts: _Attempts | None = None,
+    ) -> T:
         """Run `attempt(remaining deadline)` under the retry policy; failures raise as typed exceptions."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + (self._timeout_seconds if timeout_seconds is None else timeout_seconds)
@@ -367,6 +396,8 @@ class Client:
             delay_seconds = self._retry.delay_seconds(retry_number, failure.retry_delay_seconds)
             if loop.time() + delay_seconds >= deadline:  # no time left for another attempt
                 raise failure
+            if attempts is not None and failure.code == grpc.StatusCode.UNAVAILABLE:
+                attempts.retried_unavailable = True
             self._report(Retry(method, failure.code, retry_number, delay_seconds, failure.retry_delay_seconds))
             await asyncio.sleep(delay_seconds)
             retry_number += 1
