@@ -25,7 +25,6 @@ import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from typing import TypeVar
 
-import redis.asyncio as redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -176,8 +175,8 @@ return 1
 )
 
 
-def connect(url: str, *, timeout_seconds: float = DEFAULT_TIMEOUT_SECONDS) -> redis.Redis:
-    """The budget's client for `url` (services.shared.redis_client's failure policy: no command hangs)."""
+def connect(url: str, *, timeout_seconds: float = DEFAULT_TIMEOUT_SECONDS) -> redis_client.AnyRedis:
+    """The budget's client for `url`, one server or a cluster (services.shared.redis_client: no command hangs)."""
     return redis_client.connect(url, client_name="roundtable-llm-budget", timeout_seconds=timeout_seconds)
 
 
@@ -198,7 +197,7 @@ class RedisBuckets:
     Each instance is one replica in the fleet's eyes: the owner of the claims its refused takes record.
     """
 
-    def __init__(self, client: redis.Redis, *, prefix: str = "roundtable") -> None:
+    def __init__(self, client: redis_client.AnyRedis, *, prefix: str = "roundtable") -> None:
         self._client = client
         self._prefix = prefix
         self._owner = uuid.uuid4().hex

@@ -41,7 +41,11 @@ class AgentsSettings(ServiceSettings):
         0, ge=0, description="The LLM backend's token quota per minute, kept fleet-wide; 0: no limit."
     )
     llm_budget_redis_url: str = Field(
-        "", description="Redis URL of the LLM budget shared by every replica; empty: this replica's memory."
+        "",
+        description=(
+            "Redis URL of the LLM budget shared by every replica (redis+cluster://host:port: a Redis Cluster); "
+            "empty: this replica's memory."
+        ),
     )
     llm_budget_when_redis_down: Literal["open", "closed"] = Field(
         "open", description="When the budget's Redis is unreachable: open (calls go ahead) or closed (calls fail)."

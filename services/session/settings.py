@@ -45,7 +45,10 @@ class SessionSettings(ServiceSettings):
     sqlite_path: pathlib.Path = Field(pathlib.Path("var/roundtable.db"), description="SQLite database file.")
     redis_url: str = Field(
         "redis://127.0.0.1:6379/0",
-        description="With --store redis: discussions, events, admission leases and rate limits (rediss:// for TLS).",
+        description=(
+            "With --store redis: discussions, events, admission leases and rate limits (rediss:// for TLS; "
+            "redis+cluster://host:port or rediss+cluster:// names a Redis Cluster by any of its nodes)."
+        ),
     )
     redis_key_prefix: str = Field(
         "rt", min_length=1, description="Prefix of every Redis key (deployments may share one Redis)."

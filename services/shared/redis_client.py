@@ -1,21 +1,68 @@
-"""The one way a service connects to Redis: every command bounded, a dead pooled connection replaced once.
+"""The one way a service connects to Redis, one server or a Redis Cluster: every command bounded, a dead
+pooled connection replaced once.
 
-Failure policy: every command (and the wait for a pooled connection) is bounded by a socket timeout,
-so a hung or unreachable Redis costs at most about that long, never a hang; a refused connection is
-retried once at once (a pooled connection that died with a restarted Redis), with no back-off, so a
-Redis that is down costs one timeout and the caller's own policy decides what follows. redis-py
-reconnects on the next command, so a service recovers by itself when Redis returns.
+A URL whose scheme is `redis+cluster://` (or `rediss+cluster://`, TLS) names a Redis Cluster by any of
+its nodes; the client then learns the slot map from that node and sends each command to the master of
+its key's slot. The cluster is named by the URL, not by a separate switch, because the URL already
+travels everywhere a connection is described (--redis-url, --llm-budget-redis-url, the environment,
+the Kubernetes config): one value cannot disagree with itself, and every caller that passes a URL
+supports a cluster without a new parameter.
+
+Failure policy: every command (and, on one server, the wait for a pooled connection) is bounded by a
+socket timeout, so a hung or unreachable Redis costs at most about that long, never a hang; a refused
+connection is retried once at once (a pooled connection that died with a restarted Redis), with no
+back-off, so a Redis that is down costs one timeout and the caller's own policy decides what follows.
+redis-py reconnects on the next command, so a service recovers by itself when Redis returns.
 """
 
 from __future__ import annotations
 
+from typing import Any, TypeAlias
+
 import redis.asyncio as redis
+from redis.asyncio.cluster import RedisCluster
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.retry import Retry
 
 DEFAULT_TIMEOUT_SECONDS = 0.5
 DEFAULT_MAX_CONNECTIONS = 64
+# redis-py's cluster client has no blocking pool: past its per-node cap a command fails at once
+# (MaxConnectionsError) instead of waiting, so each node gets this many times the one-server pool.
+CLUSTER_CONNECTIONS_FACTOR = 4
+# URL scheme of a cluster -> the scheme redis-py parses (the same options, TLS or not).
+CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
+
+
+class SlotAwareRedisCluster(RedisCluster):
+    """redis-py's cluster client, made to read the slot map before it routes its first command.
+
+    redis-py 8.1 picks the node of a command with no static routing policy (EVALSHA among them) before
+    it reads the slot map: on a fresh client such a command goes to an arbitrary node and draws MOVED,
+    and a few of those at once make the client rebuild its topology, closing the connections of every
+    command in flight (a burst of first calls then fails with "Connection closed by server").
+    """
+
+    async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
+        """Read the slot map if not read yet (a no-op after), then run the command where its key lives."""
+        if self._initialize:
+            await self.initialize()
+        return await super().execute_command(*args, **kwargs)
+
+
+# A client of one server or of a Redis Cluster: the commands Roundtable uses behave the same on both.
+AnyRedis: TypeAlias = redis.Redis | RedisCluster
+
+
+def is_cluster_url(url: str) -> bool:
+    """Whether `url` names a Redis Cluster (redis+cluster:// or rediss+cluster://)."""
+    return url.partition("://")[0].lower() in CLUSTER_SCHEMES
+
+
+def node_url(url: str) -> str:
+    """The redis:// (rediss://) URL of the node a cluster URL names; any other URL unchanged."""
+    scheme, separator, rest = url.partition("://")
+    return f"{CLUSTER_SCHEMES.get(scheme.lower(), scheme)}{separator}{rest}"
 
 
 def connect(
@@ -24,8 +71,24 @@ def connect(
     client_name: str,
     timeout_seconds: float = DEFAULT_TIMEOUT_SECONDS,
     max_connections: int = DEFAULT_MAX_CONNECTIONS,
-) -> redis.Redis:
-    """A client for redis:// or rediss:// `url` with the failure policy above (no I/O until first use)."""
+) -> AnyRedis:
+    """A client for `url` (redis://, rediss://, or a cluster's redis+cluster://) with the failure policy above.
+
+    No I/O until first use: a cluster client reads the slot map on its first command.
+    """
+    # redis-py's default retries three times with up to 10 s of back-off: a hang by another name.
+    retry = Retry(NoBackoff(), retries=1, supported_errors=(RedisConnectionError,))
+    if is_cluster_url(url):
+        return SlotAwareRedisCluster.from_url(
+            node_url(url),
+            max_connections=max_connections * CLUSTER_CONNECTIONS_FACTOR,
+            socket_timeout=timeout_seconds,
+            socket_connect_timeout=timeout_seconds,
+            socket_keepalive=True,
+            retry=retry,
+            health_check_interval=30,
+            client_name=client_name,
+        )
     pool = redis.BlockingConnectionPool.from_url(
         url,
         max_connections=max_connections,
@@ -33,8 +96,7 @@ def connect(
         socket_timeout=timeout_seconds,
         socket_connect_timeout=timeout_seconds,
         socket_keepalive=True,
-        # redis-py's default retries three times with up to 10 s of back-off: a hang by another name.
-        retry=Retry(NoBackoff(), retries=1, supported_errors=(RedisConnectionError,)),
+        retry=retry,
         health_check_interval=30,
         client_name=client_name,
     )

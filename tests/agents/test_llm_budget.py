@@ -25,7 +25,8 @@ from services.agents.llm_budget import (
     build_budget,
 )
 from services.agents.llm_budget_redis import bucket_key, claims_key, connect
-from tests.redis_server import redis_server, redis_url  # noqa: F401  (fixtures the redis case uses)
+from tests.redis_cluster import layout_url, redis_cluster, redis_cluster_url, redis_url  # noqa: F401  (fixtures)
+from tests.redis_server import redis_server  # noqa: F401  (fixture the redis cases use)
 
 BACKEND = "https://llm.example/v1#0123456789ab"
 OTHER_BACKEND = "https://other.example/v1#ba9876543210"
@@ -43,10 +44,11 @@ def fresh_name() -> str:
     return f"test-backend-{next(_numbers)}"
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture(params=["memory", "redis", "redis-cluster"])
 async def make_budget(request: pytest.FixtureRequest) -> AsyncIterator[MakeBudget]:
-    """Builds budgets of one kind (Redis: a real redis-server, emptied for the test), closed at the end."""
-    url = request.getfixturevalue("redis_url") if request.param == "redis" else ""
+    """Builds budgets of one kind (Redis: a real redis-server or a 3-master cluster, emptied), closed at the end."""
+    layout = "cluster" if request.param == "redis-cluster" else "single"
+    url = "" if request.param == "memory" else layout_url(request, layout)
     built: list[LLMBudget] = []
 
     def make(limits: Mapping[str, BudgetLimits], *, name: str = "") -> LLMBudget:

@@ -1,6 +1,6 @@
 """Admission as a component: leases that lapse, a FIFO queue, per-principal caps, retry estimates.
 
-Every case runs on MemoryAdmission and on RedisAdmission against a real redis-server.
+Every case runs on MemoryAdmission and on RedisAdmission against a real redis-server and a real Redis Cluster.
 """
 
 from __future__ import annotations
@@ -22,7 +22,8 @@ from services.session.admission import (
 from services.session.redis.admission import RedisAdmission
 from services.session.redis.connection import Client, connect
 from services.shared.errors import ResourceExhausted
-from tests.redis_server import redis_server, redis_url  # noqa: F401  (fixtures the redis case uses)
+from tests.redis_cluster import layout_url, redis_cluster, redis_cluster_url  # noqa: F401  (fixtures)
+from tests.redis_server import redis_server  # noqa: F401  (fixture the redis cases use)
 
 _prefixes = itertools.count()
 
@@ -71,13 +72,13 @@ class Gates:
             await asyncio.sleep(seconds)
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture(params=["memory", "redis", "redis-cluster"])
 async def gates(request: pytest.FixtureRequest) -> AsyncIterator[Gates]:
-    """A builder of admissions of each kind."""
+    """A builder of admissions of each kind (Redis: one redis-server, and a 3-master cluster)."""
     if request.param == "memory":
         yield Gates("memory")
         return
-    client = connect(request.getfixturevalue("redis_url"))
+    client = connect(layout_url(request, "cluster" if request.param == "redis-cluster" else "single"))
     yield Gates("redis", client=client)
     await client.aclose()
 

@@ -10,6 +10,7 @@ import pytest
 from services.session.cancel_relay import LocalCancelRelay
 from services.session.redis.cancel_relay import LISTEN_TIMEOUT_SECONDS, RedisCancelRelay
 from services.session.redis.connection import connect
+from tests.redis_cluster import LocalRedisCluster, redis_cluster  # noqa: F401  (fixture)
 from tests.redis_server import RedisServer, running_redis
 
 # As the session service connects: one Redis command may take at most this long.
@@ -40,6 +41,18 @@ def server() -> Iterator[RedisServer]:
         yield started
 
 
+@pytest.fixture(params=["single", "cluster"])
+def relay_urls(request: pytest.FixtureRequest) -> Iterator[list[str]]:
+    """Where two replicas' relays connect: one redis-server, or a 3-master cluster named by two different nodes."""
+    if request.param == "single":
+        with running_redis() as started:
+            yield [started.url, started.url]
+        return
+    cluster: LocalRedisCluster = request.getfixturevalue("redis_cluster")
+    cluster.flush()
+    yield [cluster.node_url(1), cluster.node_url(2)]
+
+
 async def started_relay(url: str, heard: Heard) -> RedisCancelRelay:
     relay = RedisCancelRelay(connect(url, timeout_seconds=REDIS_TIMEOUT_SECONDS), key_prefix="test")
     relay.start(heard.handle)
@@ -47,9 +60,9 @@ async def started_relay(url: str, heard: Heard) -> RedisCancelRelay:
     return relay
 
 
-async def with_relays(url: str, count: int) -> tuple[list[RedisCancelRelay], list[Heard]]:
-    heard = [Heard() for _ in range(count)]
-    return [await started_relay(url, one) for one in heard], heard
+async def with_relays(urls: list[str]) -> tuple[list[RedisCancelRelay], list[Heard]]:
+    heard = [Heard() for _ in urls]
+    return [await started_relay(url, one) for url, one in zip(urls, heard, strict=True)], heard
 
 
 async def stop_all(relays: list[RedisCancelRelay]) -> None:
@@ -57,8 +70,8 @@ async def stop_all(relays: list[RedisCancelRelay]) -> None:
         await relay.stop()
 
 
-async def test_a_request_reaches_every_replica_even_after_an_idle_spell(server: RedisServer) -> None:
-    relays, (first, second) = await with_relays(server.url, 2)
+async def test_a_request_reaches_every_replica_even_after_an_idle_spell(relay_urls: list[str]) -> None:
+    relays, (first, second) = await with_relays(relay_urls)
     try:
         # Idle past both the listen timeout and the command timeout: the subscription must still stand.
         await asyncio.sleep(max(LISTEN_TIMEOUT_SECONDS, REDIS_TIMEOUT_SECONDS) * 2)
@@ -70,7 +83,7 @@ async def test_a_request_reaches_every_replica_even_after_an_idle_spell(server: 
 
 
 async def test_after_a_redis_restart_the_replicas_subscribe_again(server: RedisServer) -> None:
-    relays, (first, second) = await with_relays(server.url, 2)
+    relays, (first, second) = await with_relays([server.url, server.url])
     try:
         server.stop()
         await asyncio.sleep(1.0)

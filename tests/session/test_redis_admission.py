@@ -10,12 +10,13 @@ import pytest
 from services.session.redis.admission import RedisAdmission
 from services.session.redis.connection import Client, connect
 from services.shared.errors import ResourceExhausted
-from tests.redis_server import redis_server, redis_url  # noqa: F401  (fixtures)
+from tests.redis_cluster import redis_cluster, redis_cluster_url, redis_url  # noqa: F401  (fixtures)
+from tests.redis_server import redis_server  # noqa: F401  (fixture)
 
 
 @pytest.fixture
 async def client(redis_url: str) -> AsyncIterator[Client]:  # noqa: F811
-    """A client of the shared, emptied redis-server."""
+    """A client of the shared, emptied redis-server, then of the cluster."""
     opened = connect(redis_url)
     yield opened
     await opened.aclose()
@@ -63,6 +64,21 @@ async def test_a_slot_freed_on_one_replica_goes_to_the_replica_holding_the_next_
     assert await east.reap() == ["queued-on-east"]
 
 
+async def test_every_key_the_scripts_write_is_one_they_name_in_keys(client: Client) -> None:
+    # A key a script builds itself is invisible to a cluster's routing: every key must come from KEYS.
+    east, west = replica(client, "east", capacity=1, ttl=0.5), replica(client, "west", capacity=1, ttl=0.5)
+    await east.admit("running-on-east", "alice")
+    await west.admit("queued-on-west", "bob")
+    await east.release("running-on-east", 2.0)  # promotes west's discussion into the inbox, addressed to west
+    await east.admit("queued-on-east", "carol")
+    await east.adopt("adopted", "dave")
+
+    written = {key.decode() async for key in client.scan_iter(match="*")}
+
+    assert written and written <= set(east._keys), written - set(east._keys)
+    assert await client.hget("{rt:adm}:inbox", "queued-on-west") == b"west"
+
+
 async def test_a_dead_replicas_queue_places_are_dropped(client: Client) -> None:
     survivor = replica(client, "survivor", capacity=1, ttl=1.0)
     doomed = replica(client, "doomed", capacity=1, ttl=1.0)
@@ -103,7 +119,7 @@ async def test_leases_run_on_redis_clock(client: Client) -> None:
     expires_ms = await client.zscore("{rt:adm}:leases", "d1")
     assert expires_ms is not None
     assert abs(expires_ms - (seconds * 1000 + microseconds // 1000 + 30_000)) < 1_000
-    assert await client.zscore("{rt:adm}:leases:alice", "d1") == expires_ms
+    assert await client.hget("{rt:adm}:leased-count", "alice") == b"1"
 
 
 async def test_exactly_one_replica_adopts_a_discussion_whose_lease_lapsed(client: Client) -> None:

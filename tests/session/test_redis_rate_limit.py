@@ -11,23 +11,27 @@ from services.session.rate_limit import RateLimiter, WindowRateLimiter
 from services.session.redis.connection import Client, connect
 from services.session.redis.rate_limit import RedisRateLimiter
 from services.shared.errors import ResourceExhausted
-from tests.redis_server import redis_server, redis_url  # noqa: F401  (fixtures)
+from tests.redis_cluster import layout_url, redis_cluster, redis_cluster_url, redis_url  # noqa: F401  (fixtures)
+from tests.redis_server import redis_server  # noqa: F401  (fixture)
 
 
 @pytest.fixture
 async def client(redis_url: str) -> AsyncIterator[Client]:  # noqa: F811
-    """A client of the shared, emptied redis-server."""
+    """A client of the shared, emptied redis-server, then of the cluster."""
     opened = connect(redis_url)
     yield opened
     await opened.aclose()
 
 
-@pytest.fixture(params=["memory", "redis"])
-def limiter(request: pytest.FixtureRequest) -> RateLimiter:
+@pytest.fixture(params=["memory", "redis", "redis-cluster"])
+async def limiter(request: pytest.FixtureRequest) -> AsyncIterator[RateLimiter]:
     """200 units a minute, of each kind."""
     if request.param == "memory":
-        return WindowRateLimiter(200)
-    return RedisRateLimiter(request.getfixturevalue("client"), 200)
+        yield WindowRateLimiter(200)
+        return
+    opened = connect(layout_url(request, "cluster" if request.param == "redis-cluster" else "single"))
+    yield RedisRateLimiter(opened, 200)
+    await opened.aclose()
 
 
 async def refused(limiter: RateLimiter, principal: str, cost: int) -> ResourceExhausted | None:

@@ -18,7 +18,8 @@ from services.session.stores.interface import DiscussionExists, InvalidPageToken
 from services.session.stores.memory import MemoryStore
 from services.session.stores.redis import RedisStore
 from services.session.stores.sqlite import SqliteStore
-from tests.redis_server import redis_server, redis_url  # noqa: F401  (fixtures the redis case uses)
+from tests.redis_cluster import layout_url, redis_cluster, redis_cluster_url, redis_url  # noqa: F401  (fixtures)
+from tests.redis_server import redis_server  # noqa: F401  (fixture the redis cases use)
 
 RUNNING = session_pb2.DISCUSSION_STATUS_RUNNING
 QUEUED = session_pb2.DISCUSSION_STATUS_QUEUED
@@ -33,16 +34,17 @@ ALICE = "alice"
 BOB = "bob"
 
 
-@pytest.fixture(params=["memory", "sqlite", "redis"])
+@pytest.fixture(params=["memory", "sqlite", "redis", "redis-cluster"])
 async def store(request: pytest.FixtureRequest, tmp_path: pathlib.Path) -> AsyncIterator[Store]:
-    """A fresh, empty store of each kind (Redis: a real redis-server, emptied for the test)."""
+    """A fresh, empty store of each kind (Redis: a real redis-server or a 3-master cluster, emptied for the test)."""
     opened: Store
     if request.param == "memory":
         opened = MemoryStore()
     elif request.param == "sqlite":
         opened = await SqliteStore.open(tmp_path / "x.db")
     else:
-        opened = await RedisStore.open(connect(request.getfixturevalue("redis_url")))
+        layout = "cluster" if request.param == "redis-cluster" else "single"
+        opened = await RedisStore.open(connect(layout_url(request, layout)))
     yield opened
     await opened.close()
 

@@ -1,14 +1,14 @@
 """Admission on Redis: the same leases, FIFO queue and per-principal caps as MemoryAdmission, shared by replicas.
 
 Every operation is one Lua script, so it is atomic however many replicas call at
-once. All keys carry the hash tag {<prefix>:adm}, so on a Redis Cluster they share
-one slot (the per-principal and per-replica keys the scripts derive included).
-Lease times come from Redis' own clock (TIME), so replicas with skewed clocks agree
-on when a lease lapses.
+once. All keys carry the hash tag {<prefix>:adm} and every script names all of them
+in KEYS (none is built inside a script), so on a Redis Cluster they share one slot
+and each script runs on that slot's master. Lease times come from Redis' own clock
+(TIME), so replicas with skewed clocks agree on when a lease lapses.
 
-    {P:adm}:leases             ZSET  id -> lease expiry (ms, Redis clock)    global scope
-    {P:adm}:leases:<principal> ZSET  id -> lease expiry                      principal scope
+    {P:adm}:leases             ZSET  id -> lease expiry (ms, Redis clock)
     {P:adm}:holder             HASH  id -> principal (leased or queued)
+    {P:adm}:leased-count       HASH  principal -> leases held
     {P:adm}:queue              ZSET  id -> arrival number                    FIFO
     {P:adm}:queued-count       HASH  principal -> queued places
     {P:adm}:arrivals           STRING counter
@@ -16,12 +16,12 @@ on when a lease lapses.
     {P:adm}:replicas           ZSET  replica -> alive until (ms)
     {P:adm}:queued-by          HASH  id -> replica holding the queued discussion
     {P:adm}:leased-by          HASH  id -> replica the lease is for (only it may renew)
-    {P:adm}:inbox:<replica>    LIST  ids another replica promoted for this one
+    {P:adm}:inbox              HASH  id -> replica another replica promoted it for
 
 A queued discussion lives in the queuing replica's runner, so when another replica
-frees the slot the promoted id goes to that replica's inbox, which its next release
-or reap (the heartbeat, every ttl/3) collects. A replica that stops calling for a
-ttl is presumed dead and its queue places are dropped.
+frees the slot the promoted id goes to the inbox addressed to that replica, whose
+next release or reap (the heartbeat, every ttl/3) collects it. A replica that stops
+calling for a ttl is presumed dead and its queue places are dropped.
 """
 
 from __future__ import annotations
@@ -38,46 +38,53 @@ from services.shared.errors import ResourceExhausted
 logger = logging.getLogger(__name__)
 
 PRELUDE = """
-local leases, holder, queue, queued_count, arrivals, mean_key, replicas, queued_by, leased_by =
-  KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8], KEYS[9]
-local base, replica = ARGV[1], ARGV[2]
+local leases, holder, queue, queued_count, arrivals, mean_key, replicas, queued_by, leased_by, leased_count, inbox =
+  KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8], KEYS[9], KEYS[10], KEYS[11]
+local replica = ARGV[1]
 local capacity, max_queued, max_per_principal, ttl_ms =
-  tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
+  tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
 local clock = redis.call('TIME')
 local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
 
-local function principal_leases(principal) return base .. 'leases:' .. principal end
-local function inbox(name) return base .. 'inbox:' .. name end
+-- A count in a HASH field, the field gone at zero (so an idle principal leaves nothing behind).
+local function count(hash, field, by)
+  if redis.call('HINCRBY', hash, field, by) <= 0 then redis.call('HDEL', hash, field) end
+end
 
 local function alive() redis.call('ZADD', replicas, now + ttl_ms, replica) end
 
 local function mean_duration() return tonumber(redis.call('GET', mean_key) or 'INITIAL_DURATION') end
 
 local function lease(id, principal, for_replica)
-  redis.call('ZADD', leases, now + ttl_ms, id)
-  redis.call('ZADD', principal_leases(principal), now + ttl_ms, id)
+  local previous = redis.call('HGET', holder, id)
+  if redis.call('ZADD', leases, now + ttl_ms, id) == 1 then
+    count(leased_count, principal, 1)
+  elseif previous ~= principal then
+    count(leased_count, previous or '', -1)
+    count(leased_count, principal, 1)
+  end
   redis.call('HSET', holder, id, principal)
   redis.call('HSET', leased_by, id, for_replica or replica)
 end
 
 local function drop_lease(id)
   if redis.call('ZREM', leases, id) == 0 then return false end
-  local principal = redis.call('HGET', holder, id) or ''
-  redis.call('ZREM', principal_leases(principal), id)
+  count(leased_count, redis.call('HGET', holder, id) or '', -1)
   redis.call('HDEL', holder, id)
   redis.call('HDEL', leased_by, id)
+  redis.call('HDEL', inbox, id)
   return true
 end
 
 local function leave_queue(id)
   if redis.call('ZREM', queue, id) == 0 then return false end
-  local principal = redis.call('HGET', holder, id) or ''
-  if redis.call('HINCRBY', queued_count, principal, -1) <= 0 then redis.call('HDEL', queued_count, principal) end
+  count(queued_count, redis.call('HGET', holder, id) or '', -1)
   redis.call('HDEL', holder, id)
   redis.call('HDEL', queued_by, id)
   return true
 end
 
+-- A dead replica's promoted ids need no sweep of their own: their leases lapse, and drop_lease clears them.
 local function expire_lapsed()
   for _, id in ipairs(redis.call('ZRANGEBYSCORE', leases, '-inf', '(' .. now)) do drop_lease(id) end
   local gone = redis.call('ZRANGEBYSCORE', replicas, '-inf', '(' .. now)
@@ -86,7 +93,6 @@ local function expire_lapsed()
     for _, name in ipairs(gone) do
       dead[name] = true
       redis.call('ZREM', replicas, name)
-      redis.call('DEL', inbox(name))
     end
     for _, id in ipairs(redis.call('ZRANGE', queue, 0, -1)) do
       local by = redis.call('HGET', queued_by, id)
@@ -102,11 +108,11 @@ end
 
 local function promote()
   local mine = {}
-  local waiting = redis.call('LRANGE', inbox(replica), 0, -1)
-  if #waiting > 0 then
-    redis.call('DEL', inbox(replica))
-    for _, id in ipairs(waiting) do
-      if redis.call('ZSCORE', leases, id) then mine[#mine + 1] = id end
+  local promoted = redis.call('HGETALL', inbox)
+  for i = 1, #promoted, 2 do
+    if promoted[i + 1] == replica then
+      redis.call('HDEL', inbox, promoted[i])
+      if redis.call('ZSCORE', leases, promoted[i]) then mine[#mine + 1] = promoted[i] end
     end
   end
   while redis.call('ZCARD', leases) < capacity do
@@ -116,9 +122,9 @@ local function promote()
     local principal = redis.call('HGET', holder, id) or ''
     local by = redis.call('HGET', queued_by, id)
     redis.call('HDEL', queued_by, id)
-    if redis.call('HINCRBY', queued_count, principal, -1) <= 0 then redis.call('HDEL', queued_count, principal) end
+    count(queued_count, principal, -1)
     lease(id, principal, by)
-    if not by or by == replica then mine[#mine + 1] = id else redis.call('RPUSH', inbox(by), id) end
+    if not by or by == replica then mine[#mine + 1] = id else redis.call('HSET', inbox, id, by) end
   end
   return mine
 end
@@ -130,16 +136,16 @@ local function reply(code, extra, ids)
 end
 """.replace("INITIAL_DURATION", repr(INITIAL_DURATION_SECONDS))
 
-# ARGV[7] id, ARGV[8] principal.
+# ARGV[6] id, ARGV[7] principal.
 ADMIT = Script(
     PRELUDE
     + """
-local id, principal = ARGV[7], ARGV[8]
+local id, principal = ARGV[6], ARGV[7]
 alive()
 expire_lapsed()
 if redis.call('ZSCORE', leases, id) then return reply('admitted') end
 if redis.call('ZSCORE', queue, id) then return reply('queued') end
-local held = redis.call('ZCARD', principal_leases(principal))
+local held = tonumber(redis.call('HGET', leased_count, principal) or '0')
   + tonumber(redis.call('HGET', queued_count, principal) or '0')
 if held >= max_per_principal then return reply('principal', tostring(mean_duration() / math.max(held, 1))) end
 if redis.call('ZCARD', leases) < capacity and redis.call('ZCARD', queue) == 0 then
@@ -157,35 +163,35 @@ return reply('full', tostring(retry_after()))
 """
 )
 
-# ARGV[7] id, ARGV[8] principal.
+# ARGV[6] id, ARGV[7] principal.
 ADMIT_UNCHECKED = Script(
     PRELUDE
     + """
 alive()
 -- This replica resumes the discussion, so the lease is its own now, whoever held it before a restart.
-lease(ARGV[7], ARGV[8])
+lease(ARGV[6], ARGV[7])
 return reply('admitted')
 """
 )
 
-# ARGV[7] id, ARGV[8] principal.
+# ARGV[6] id, ARGV[7] principal.
 ADOPT = Script(
     PRELUDE
     + """
 alive()
 expire_lapsed()
-if redis.call('ZSCORE', leases, ARGV[7]) then return reply('held') end
-leave_queue(ARGV[7])
-lease(ARGV[7], ARGV[8])
+if redis.call('ZSCORE', leases, ARGV[6]) then return reply('held') end
+leave_queue(ARGV[6])
+lease(ARGV[6], ARGV[7])
 return reply('adopted')
 """
 )
 
-# ARGV[7] id.
+# ARGV[6] id.
 RENEW = Script(
     PRELUDE
     + """
-local id = ARGV[7]
+local id = ARGV[6]
 alive()
 local expires = redis.call('ZSCORE', leases, id)
 if not expires or tonumber(expires) < now then return reply('lapsed') end
@@ -197,11 +203,11 @@ return reply('renewed')
 """
 )
 
-# ARGV[7] id, ARGV[8] duration in seconds or ''.
+# ARGV[6] id, ARGV[7] duration in seconds or ''.
 RELEASE = Script(
     PRELUDE
     + """
-local id, duration = ARGV[7], ARGV[8]
+local id, duration = ARGV[6], ARGV[7]
 alive()
 drop_lease(id)
 leave_queue(id)
@@ -261,10 +267,11 @@ class RedisAdmission:
                 "replicas",
                 "queued-by",
                 "leased-by",
+                "leased-count",
+                "inbox",
             )
         ]
         self._common: list[EncodableArg] = [
-            base,
             self._replica_id,
             capacity,
             max_queued,

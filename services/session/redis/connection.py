@@ -1,4 +1,5 @@
-"""The Redis connection the Redis store, admission and rate limiter share, and its failure policy.
+"""The Redis connection (one server or a Redis Cluster) the Redis store, admission and rate limiter share, and its
+failure policy.
 
 Failure policy: every command is bounded by a socket timeout (a hung or unreachable
 Redis costs at most about that long, never a hang), a refused connection is retried
@@ -11,11 +12,14 @@ itself when Redis returns.
 from __future__ import annotations
 
 import contextlib
+import inspect
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TypeAlias
 
 import redis.asyncio as redis
-from redis.asyncio.client import Pipeline
+from redis.asyncio.client import Pipeline as ServerPipeline
+from redis.asyncio.cluster import ClusterPipeline, RedisCluster
+from redis.asyncio.connection import SSLConnection
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, OutOfMemoryError, ReadOnlyError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -23,7 +27,10 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from services.shared import redis_client
 from services.shared.errors import Unavailable
 
-Client: TypeAlias = "redis.Redis"
+# One server or a Redis Cluster (a redis+cluster:// URL): the scripts and commands here run on both.
+Client: TypeAlias = redis_client.AnyRedis
+# A non-transactional pipeline of either; on a cluster it sends each node its commands, in one round trip each.
+Pipeline: TypeAlias = ServerPipeline | ClusterPipeline
 EncodableArg: TypeAlias = bytes | str | int | float
 
 DEFAULT_TIMEOUT_SECONDS = redis_client.DEFAULT_TIMEOUT_SECONDS
@@ -47,7 +54,9 @@ def connect(
 
 
 def blocking_twin(client: Client, extra_timeout_seconds: float) -> Client:
-    """A client for the same server with the same options whose reads may wait longer (XREAD BLOCK)."""
+    """A client for the same server (or cluster) with the same options whose reads may wait longer (XREAD BLOCK)."""
+    if isinstance(client, RedisCluster):
+        return _cluster_twin(client, extra_timeout_seconds)
     pool = client.connection_pool
     options = dict(pool.connection_kwargs)
     timeout_seconds = float(options.get("socket_timeout") or DEFAULT_TIMEOUT_SECONDS) + extra_timeout_seconds
@@ -60,6 +69,25 @@ def blocking_twin(client: Client, extra_timeout_seconds: float) -> Client:
         **options,
     )
     return redis.Redis(connection_pool=twin)
+
+
+def _cluster_twin(client: RedisCluster, extra_timeout_seconds: float) -> RedisCluster:
+    """blocking_twin() of a cluster client: the nodes it knows and its connection options, a longer read timeout."""
+    options = dict(client.connection_kwargs)
+    # Only what RedisCluster() takes as such: the rest (callbacks, internal registries) it builds itself.
+    accepted = inspect.signature(RedisCluster.__init__).parameters
+    kept = {name: value for name, value in options.items() if name in accepted and name != "max_connections"}
+    kept["ssl"] = options.get("connection_class") is SSLConnection
+    kept["socket_timeout"] = float(options.get("socket_timeout") or DEFAULT_TIMEOUT_SECONDS) + extra_timeout_seconds
+    node = client.get_default_node() or next(iter(client.nodes_manager.startup_nodes.values()))
+    return redis_client.SlotAwareRedisCluster(
+        host=node.host,
+        port=node.port,
+        # Each blocked reader holds a connection: room for four times the command client's.
+        max_connections=int(options.get("max_connections") or redis_client.DEFAULT_MAX_CONNECTIONS) * 4,
+        retry=client.retry,
+        **kept,
+    )
 
 
 @contextlib.contextmanager
@@ -96,7 +124,9 @@ class Script:
     def queue(self, pipe: Pipeline, keys: Sequence[str], args: Sequence[EncodableArg]) -> None:
         """Add an EVALSHA to a pipeline; run it with execute_pipeline(), which handles NOSCRIPT."""
         assert self.sha is not None, "load the script before queueing it"
-        pipe.evalsha(self.sha, len(keys), *keys, *args)
+        # The command, not pipe.evalsha(): redis-py's cluster pipeline refuses that method, yet routes the
+        # command itself by its first key like any other.
+        pipe.execute_command("EVALSHA", self.sha, len(keys), *keys, *args)
 
 
 async def load_scripts(client: Client, scripts: Sequence[Script]) -> None:
@@ -123,3 +153,23 @@ async def execute_pipeline(client: Client, scripts: Sequence[Script], build: Cal
                 raise
             await load_scripts(client, scripts)
     raise AssertionError("unreachable")
+
+
+async def execute_in_order(client: Client, scripts: Sequence[Script], *stages: Callable[[Pipeline], None]) -> list[Any]:
+    """Run the stages' commands so that each stage's are applied before the next's; the replies of all, in order.
+
+    One server applies a pipeline in order, so every stage goes in one round trip. A cluster pipeline
+    sends each node its share at once, so order across slots holds only between round trips: there
+    each stage is a round trip of its own (what crash-safety orderings across slots need).
+    """
+    if not isinstance(client, RedisCluster):
+
+        def build(pipe: Pipeline) -> None:
+            for stage in stages:
+                stage(pipe)
+
+        return await execute_pipeline(client, scripts, build)
+    replies: list[Any] = []
+    for stage in stages:
+        replies.extend(await execute_pipeline(client, scripts, stage))
+    return replies

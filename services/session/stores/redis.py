@@ -13,8 +13,10 @@ only, so the same code can run on a Redis Cluster:
     P:{idx}:unfinished       SET   ids QUEUED or RUNNING                         (restart)
     P:id-secret              STRING the key that scopes ids by owner               (services/session/ids.py)
 
-Cross-slot updates run in one pipelined round trip, in an order that leaves at
-worst an index entry without a document after a crash mid-way: readers skip those,
+Cross-slot updates run in one pipelined round trip (on a cluster, one per node at
+once, and a further round trip where the order below needs one: execute_in_order),
+in an order that leaves at worst an index entry without a document after a crash
+mid-way: readers skip those,
 and a discussion is always in the expiry index before its document exists, so the
 sweep removes anything half-written. Index updates after creation are conditional
 (ZADD XX, "only if still indexed"), so a save or touch racing a delete never
@@ -29,7 +31,6 @@ from collections import OrderedDict
 from typing import Any
 
 from google.protobuf.timestamp_pb2 import Timestamp
-from redis.asyncio.client import Pipeline
 
 from services.gen.roundtable.session.v1 import session_pb2
 from services.session.document import UNFINISHED_STATUSES
@@ -37,8 +38,10 @@ from services.session.ids import SECRET_BYTES
 from services.session.redis.connection import (
     Client,
     EncodableArg,
+    Pipeline,
     Script,
     blocking_twin,
+    execute_in_order,
     execute_pipeline,
     load_scripts,
     unavailable_on_failure,
@@ -277,11 +280,12 @@ class RedisStore:
                 "",
             ]
 
-            def write(pipe: Pipeline) -> None:
-                # Expiry index first: whatever a crash leaves half-written, the sweep finds and removes.
+            def index(pipe: Pipeline) -> None:
                 pipe.zadd(self._expiry_key, {discussion_id: expires}, nx=True)
                 if unfinished:
                     pipe.sadd(self._unfinished_key, discussion_id)
+
+            def write(pipe: Pipeline) -> None:
                 CREATE_DOC.queue(
                     pipe,
                     [self._doc_key(discussion_id)],
@@ -296,7 +300,8 @@ class RedisStore:
                     ],
                 )
 
-            replies = await execute_pipeline(self._redis, SCRIPTS, write)
+            # Expiry index first: whatever a crash leaves half-written, the sweep finds and removes.
+            replies = await execute_in_order(self._redis, SCRIPTS, index, write)
             created, held_by, held_request_id = replies[-1]
             if not int(created):
                 # The id is taken: a replay of the owner's own create, or refused. Never overwritten.
@@ -348,10 +353,13 @@ class RedisStore:
 
         def discard(pipe: Pipeline) -> None:
             pipe.delete(self._doc_key(discussion_id))
+
+        def unindex(pipe: Pipeline) -> None:
             pipe.zrem(self._expiry_key, discussion_id)
             pipe.srem(self._unfinished_key, discussion_id)
 
-        await execute_pipeline(self._redis, SCRIPTS, discard)
+        # The document before its expiry entry: a crash between them leaves the entry, which the sweep clears.
+        await execute_in_order(self._redis, SCRIPTS, discard, unindex)
         self._owners.pop(discussion_id, None)
 
     async def get(self, discussion_id: str) -> Discussion | None:
@@ -526,10 +534,13 @@ class RedisStore:
 
             def remove(pipe: Pipeline) -> None:
                 DELETE_DOC.queue(pipe, [self._doc_key(discussion_id), self._events_key(discussion_id)], [])
+
+            def unindex(pipe: Pipeline) -> None:
                 pipe.zrem(self._expiry_key, discussion_id)
                 pipe.srem(self._unfinished_key, discussion_id)
 
-            found, _, _ = await execute_pipeline(self._redis, SCRIPTS, remove)
+            # The document before its expiry entry: if the document's node fails, the entry stays for the sweep.
+            found, _, _ = await execute_in_order(self._redis, SCRIPTS, remove, unindex)
             self._owners.pop(discussion_id, None)
             if not found:
                 return False
