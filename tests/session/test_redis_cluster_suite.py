@@ -1,0 +1,90 @@
+"""The session service on a real three-master Redis Cluster, through real servers: discussions end to end, spread."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+
+import grpc
+import pytest
+
+from services.gen.roundtable.session.v1 import session_pb2
+from services.session.redis.connection import RedisUnavailable, connect
+from services.session.stores.redis import RedisStore
+from services.shared.redis_client import node_url
+from tests.redis_cluster import LocalRedisCluster, redis_cluster, running_redis_cluster  # noqa: F401  (fixture)
+from tests.session.test_redis_suite import on_redis
+from tests.session.test_store_contract import make_discussion
+from tests.suite import Suite, run_to_end
+
+MakeSuite = Callable[..., Awaitable[Suite]]
+DISCUSSIONS = 12
+
+
+async def test_discussions_run_end_to_end_on_a_redis_cluster_and_spread_over_its_masters(
+    make_suite: MakeSuite,
+    redis_cluster: LocalRedisCluster,  # noqa: F811
+) -> None:
+    redis_cluster.flush()
+    suite = await make_suite(session={"enable_rate_limiting": True})
+    await on_redis(suite, redis_cluster.url)
+    stub = suite.session()
+
+    finished = await asyncio.gather(
+        *(
+            run_to_end(
+                stub,
+                session_pb2.CreateDiscussionRequest(
+                    topic=f"Topic {number}", personas=["scientist", "engineer"], rounds=1, request_id=f"r{number}"
+                ),
+            )
+            for number in range(DISCUSSIONS)
+        )
+    )
+
+    for final, events in finished:
+        assert final.status == session_pb2.DISCUSSION_STATUS_COMPLETED, final.error
+        assert [e.sequence for e in events] == list(range(1, len(events) + 1))
+    listed = await stub.ListDiscussions(session_pb2.ListDiscussionsRequest(page_size=50), timeout=10)
+    assert {d.discussion_id for d in listed.discussions} == {final.discussion_id for final, _ in finished}
+    # Each discussion's keys hash by its own id: the documents and event logs spread over every master.
+    keys_per_master = []
+    for port in redis_cluster.ports:
+        node = connect(node_url(f"redis://127.0.0.1:{port}"))
+        try:
+            keys_per_master.append(len([key async for key in node.scan_iter(match="rt:{d:*")]))
+        finally:
+            await node.aclose()
+    assert sum(keys_per_master) == 2 * DISCUSSIONS  # a document and an event stream each
+    assert sum(count > 0 for count in keys_per_master) >= 2, keys_per_master  # one master: a 1-in-177,000 chance
+
+    await stub.DeleteDiscussion(session_pb2.DeleteDiscussionRequest(discussion_id=finished[0][0].discussion_id))
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.GetDiscussion(session_pb2.GetDiscussionRequest(discussion_id=finished[0][0].discussion_id))
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_a_lost_master_makes_the_store_unavailable_not_broken_while_it_is_gone() -> None:
+    with running_redis_cluster(node_timeout_ms=1000) as cluster:
+        store = await RedisStore.open(connect(cluster.url))
+        try:
+            created = [await store.create("alice", make_discussion(number)) for number in range(12)]
+            lost_port = cluster.ports[0]
+            by_node = store.client.get_node_from_key
+            on_lost = [d.discussion_id for d in created if by_node(f"rt:{{d:{d.discussion_id}}}").port == lost_port]
+            elsewhere = [d.discussion_id for d in created if d.discussion_id not in on_lost]
+            assert on_lost and elsewhere, "twelve ids over three masters"
+
+            cluster.kill_node(0)
+            # Its slots answer UNAVAILABLE at once (the connection is refused); the others still serve.
+            with pytest.raises(RedisUnavailable):
+                await store.get(on_lost[0])
+            assert await store.get(elsewhere[0]) is not None
+            # Once the others declare it failed, the whole cluster refuses (CLUSTERDOWN): still UNAVAILABLE.
+            async with asyncio.timeout(15):
+                while cluster.cluster_state(1) != "fail":  # noqa: ASYNC110 - waiting for the failure report
+                    await asyncio.sleep(0.2)
+            with pytest.raises(RedisUnavailable):
+                await store.get(elsewhere[0])
+        finally:
+            await store.close()
