@@ -36,7 +36,7 @@ async def bursts(ctx: Context) -> None:
             key=f"burst_{count}",
             title=f"Burst of {count:,} discussions (3 personas + moderator, 1 round, {latency:g} s in-process LLM)",
             baseline="minimal",
-            candidates=["suite", *(["seed"] if with_seed else [])],
+            candidates=["suite", "suite+calls", *(["seed"] if with_seed else [])],
             figures=BURST_FIGURES,
             goals=[
                 Goal("errors", "0 errors", value_at_most=0),

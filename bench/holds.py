@@ -42,7 +42,8 @@ async def holds(ctx: Context, *, llm: str = "fake") -> None:
         title=f"Hold {count:,} discussions active at once ({latency:g} s LLM"
         + (", simulator + openai SDK)" if llm == "sim" else ", in-process)"),
         baseline="minimal",
-        candidates=[candidate],
+        # As shipped (lanes), and with one RunDiscussion stream per discussion: what lanes save.
+        candidates=[candidate, *([f"{candidate}+calls"] if llm == "fake" else [])],
         figures=HOLD_FIGURES,
         goals=[
             Goal("errors", "0 errors", value_at_most=0),
@@ -61,7 +62,7 @@ async def holds(ctx: Context, *, llm: str = "fake") -> None:
     ctx.run.scenarios.append(scenario)
     ctx.say(scenario.title)
     for repeat in range(profile.hold_repeats):
-        for name in ("minimal", candidate):
+        for name in ("minimal", *scenario.candidates):
             sample = await hold_sample(
                 ctx, name, count, latency, repeat, summary_latency, answer_words=profile.sim_answer_words
             )

@@ -37,16 +37,21 @@ class Variant:
     quiet: bool = False
     # asyncio's own loop instead of the shipped uvloop (--event-loop asyncio).
     asyncio_loop: bool = False
+    # One RunDiscussion stream per discussion instead of the shipped lanes (--agents-transport calls).
+    calls: bool = False
 
     @classmethod
     def parse(cls, name: str) -> Variant:
-        """'suite+memory+quiet+asyncio' → the variant; plain 'suite' is the suite as shipped."""
+        """'suite+memory+quiet+asyncio+calls' → the variant; plain 'suite' is the suite as shipped."""
         parts = set(name.split("+")[1:])
-        unknown = parts - {"memory", "quiet", "asyncio"}
+        unknown = parts - {"memory", "quiet", "asyncio", "calls"}
         if unknown:
             raise ValueError(f"unknown suite variant(s) {sorted(unknown)} in {name!r}")
         return cls(
-            store="memory" if "memory" in parts else "sqlite", quiet="quiet" in parts, asyncio_loop="asyncio" in parts
+            store="memory" if "memory" in parts else "sqlite",
+            quiet="quiet" in parts,
+            asyncio_loop="asyncio" in parts,
+            calls="calls" in parts,
         )
 
 
@@ -165,6 +170,7 @@ async def start_suite(
                 "--store", variant.store,
                 "--sqlite-path", str(workdir / "var" / "roundtable.db"),
                 *RAISED_CAPS,
+                *(["--agents-transport", "calls"] if variant.calls else []),
                 *(session_flags or []),
             ],
             core=procs.SERVER_CORE,

@@ -29,25 +29,32 @@ def counter(name: str, **labels: str) -> float:
     return REGISTRY.get_sample_value(name, labels) or 0.0
 
 
-def snapshot() -> dict[str, float]:
+def snapshot(transport: str) -> dict[str, float]:
+    if transport == "lanes":
+        run_ok = counter("roundtable_agent_lane_runs_ended_total", grpc_code="OK")
+        run_client_ok = counter("roundtable_lane_runs_ended_total", grpc_code="OK")
+    else:
+        run_ok = handled(AGENTS, "RunDiscussion", "OK")
+        run_client_ok = handled(AGENTS, "RunDiscussion", "OK", side="client")
     return {
         "create_ok": handled(SESSION, "CreateDiscussion", "OK"),
         "create_invalid": handled(SESSION, "CreateDiscussion", "INVALID_ARGUMENT"),
         "stream_ok": handled(SESSION, "StreamDiscussion", "OK"),
         "get_ok": handled(SESSION, "GetDiscussion", "OK"),
         "get_not_found": handled(SESSION, "GetDiscussion", "NOT_FOUND"),
-        "run_ok": handled(AGENTS, "RunDiscussion", "OK"),
-        "run_client_ok": handled(AGENTS, "RunDiscussion", "OK", side="client"),
+        "run_ok": run_ok,
+        "run_client_ok": run_client_ok,
         "created": counter("roundtable_discussions_created_total"),
         "completed": counter("roundtable_discussions_finished_total", status="DISCUSSION_STATUS_COMPLETED"),
         "answers": counter("roundtable_agent_runs_total", outcome="completed"),
     }
 
 
-async def test_counters_equal_what_was_done_and_no_label_names_a_session(make_suite: MakeSuite) -> None:
-    suite = await make_suite()
+@pytest.mark.parametrize("transport", ["lanes", "calls"])
+async def test_counters_equal_what_was_done_and_no_label_names_a_session(make_suite: MakeSuite, transport: str) -> None:
+    suite = await make_suite(session={"agents_transport": transport})
     stub = suite.session()
-    before = snapshot()
+    before = snapshot(transport)
     topics = [f"metrics topic {i}" for i in range(100)]
     outcomes = await asyncio.gather(
         *(run_to_end(stub, session_pb2.CreateDiscussionRequest(topic=t, personas=["engineer"])) for t in topics)
@@ -59,7 +66,7 @@ async def test_counters_equal_what_was_done_and_no_label_names_a_session(make_su
         with pytest.raises(grpc.aio.AioRpcError):
             await stub.GetDiscussion(session_pb2.GetDiscussionRequest(discussion_id="f" * 32))
     await asyncio.sleep(0.2)  # client-side counts are recorded by a callback once each call ends
-    after = snapshot()
+    after = snapshot(transport)
     delta = {key: after[key] - before[key] for key in before}
     assert delta == {
         "create_ok": 100,

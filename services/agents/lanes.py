@@ -16,7 +16,12 @@ from collections.abc import AsyncIterator, Callable
 
 import grpc
 
-from services.agents.metrics import AGENT_LANE_EVENTS_PER_MESSAGE, AGENT_LANE_RUNS, AGENT_LANES_OPEN
+from services.agents.metrics import (
+    AGENT_LANE_EVENTS_PER_MESSAGE,
+    AGENT_LANE_RUNS,
+    AGENT_LANE_RUNS_ENDED,
+    AGENT_LANES_OPEN,
+)
 from services.gen.roundtable.agents.v1 import agents_pb2
 from services.shared.errors import RoundtableError
 
@@ -155,11 +160,13 @@ class Lane:
             code, message = grpc.StatusCode.DEADLINE_EXCEEDED, "the run's deadline passed"
         except asyncio.CancelledError:
             AGENT_LANE_RUNS.dec()
+            AGENT_LANE_RUNS_ENDED.labels(grpc.StatusCode.CANCELLED.name).inc()
             raise  # cancelled by the session service or with the lane: nobody expects an end
         except Exception:
             logger.exception("lane run of %s failed", run.session_id)
             code, message = grpc.StatusCode.INTERNAL, "internal error; see the agent service's log"
         AGENT_LANE_RUNS.dec()
+        AGENT_LANE_RUNS_ENDED.labels(code.name).inc()
         if self._runs.get(run.session_id) is run:
             del self._runs[run.session_id]
             self._out.put_nowait(_ended(run.session_id, code, message))

@@ -108,3 +108,8 @@ AGENT_LANE_EVENTS_PER_MESSAGE = Histogram(
     "Events batched into one RunLane response message.",
     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
 )
+AGENT_LANE_RUNS_ENDED = Counter(
+    "roundtable_agent_lane_runs_ended_total",
+    "Discussion runs on lanes that ended, by status (CANCELLED: stopped by the session service or with their lane).",
+    ["grpc_code"],
+)

@@ -30,6 +30,8 @@ logger = logging.getLogger(__name__)
 
 # An agent event: its kind (the DiscussionEvent field it fills, e.g. "agent_delta") and its payload.
 AgentEvent: TypeAlias = tuple[str, Message]
+# The events of one discussion that arrived together (recorded together: one store write, one wake-up).
+AgentEvents: TypeAlias = list[AgentEvent]
 
 # A lost agent replica (connection reset, drained, ejected): its round can be re-run on another.
 REPLICA_LOST_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN})
@@ -67,8 +69,9 @@ class Roster:
 class AgentsClient(Protocol):
     """The agent service as the session service uses it."""
 
-    def run(self, doc: session_pb2.Discussion, principal: str) -> AsyncIterator[AgentEvent]:
-        """Run the rest of a discussion from its document (resuming after its completed rounds) as agent events.
+    def run(self, doc: session_pb2.Discussion, principal: str) -> AsyncIterator[AgentEvents]:
+        """Run the rest of a discussion from its document (resuming after its completed rounds): its agent events,
+        in order, in the batches they arrived in.
 
         Raises AgentRunFailed when the call ends early.
         """
@@ -120,8 +123,8 @@ class GrpcAgentsClient:
         self._runs = RunCap(max_concurrent_runs)
         AGENT_RUNS_WAITING.set_function(lambda: self._runs.waiting)
 
-    async def run(self, doc: session_pb2.Discussion, principal: str) -> AsyncIterator[AgentEvent]:
-        """Run the rest of the discussion as one RunDiscussion call; its events as they arrive."""
+    async def run(self, doc: session_pb2.Discussion, principal: str) -> AsyncIterator[AgentEvents]:
+        """Run the rest of the discussion as one RunDiscussion call; its events as they arrive, one a batch."""
         request = run_request(doc, principal)
         await self._runs.acquire()
         try:
@@ -135,7 +138,7 @@ class GrpcAgentsClient:
                     if kind is None:
                         continue
                     delivered = True
-                    yield kind, getattr(agent_event, kind)
+                    yield [(kind, getattr(agent_event, kind))]
             except grpc.aio.AioRpcError as error:
                 raise _classified(error, delivered) from error
             finally:

@@ -27,11 +27,12 @@ from services.gen.roundtable.agents.v1 import agents_pb2, agents_pb2_grpc
 from services.gen.roundtable.session.v1 import session_pb2
 from services.session.agents_client import (
     REPLICA_LOST_CODES,
-    AgentEvent,
+    AgentEvents,
     AgentRunFailed,
     GrpcAgentsClient,
     run_request,
 )
+from services.session.metrics import LANE_RUNS_ENDED
 
 logger = logging.getLogger(__name__)
 
@@ -56,8 +57,9 @@ class _RunHandle:
 
     def __init__(self, session_id: str, window_events: int) -> None:
         self.session_id = session_id
-        # Bounded by the window: the agent side sends no more than window_events un-credited events.
-        self.events: asyncio.Queue[agents_pb2.LaneEvent | _LaneLost] = asyncio.Queue()
+        # Each response's events of this run, in order. Bounded by the window: the agent side sends
+        # no more than window_events un-credited events.
+        self.events: asyncio.Queue[list[agents_pb2.LaneEvent] | _LaneLost] = asyncio.Queue()
         self.consumed = 0
         # Credit goes back in batches of half a window (one message a batch, not one an event).
         self.credit_batch = max(window_events // 2, 1)
@@ -88,11 +90,13 @@ class _LaneStream:
         self._send.put_nowait(agents_pb2.RunLaneRequest(run=order))
         return handle
 
-    def took(self, handle: _RunHandle) -> None:
-        """The consumer took one of the run's events: grant credit once a batch is taken."""
-        handle.consumed += 1
-        if handle.consumed % handle.credit_batch == 0 and not self.broken:
-            credit = agents_pb2.LaneCredit(session_id=handle.session_id, events=handle.credit_batch)
+    def took(self, handle: _RunHandle, events: int) -> None:
+        """The consumer took this many of the run's events: grant credit for each half window taken."""
+        before = handle.consumed // handle.credit_batch
+        handle.consumed += events
+        batches = handle.consumed // handle.credit_batch - before
+        if batches and not self.broken:
+            credit = agents_pb2.LaneCredit(session_id=handle.session_id, events=batches * handle.credit_batch)
             self._send.put_nowait(agents_pb2.RunLaneRequest(credit=credit))
 
     def close_run(self, handle: _RunHandle, *, cancel: bool) -> None:
@@ -141,10 +145,14 @@ class _LaneStream:
         lost: _LaneLost
         try:
             async for response in self._call:
+                # One response holds several runs' events: each run gets its own, in order, as one batch.
+                by_run: dict[str, list[agents_pb2.LaneEvent]] = {}
                 for event in response.events:
-                    handle = self._runs.get(event.session_id)
+                    by_run.setdefault(event.session_id, []).append(event)
+                for session_id, events in by_run.items():
+                    handle = self._runs.get(session_id)
                     if handle is not None:
-                        handle.events.put_nowait(event)
+                        handle.events.put_nowait(events)
             lost = _LaneLost("UNAVAILABLE", "the agent service closed the lane")
         except grpc.aio.AioRpcError as error:
             lost = _LaneLost(error.code().name, error.details() or "")
@@ -221,8 +229,8 @@ class LaneAgentsClient(GrpcAgentsClient):
         """The key of the lane the discussion's runs use (what the load balancer hashes)."""
         return self._lane(discussion_id).key
 
-    async def run(self, doc: session_pb2.Discussion, principal: str) -> AsyncIterator[AgentEvent]:
-        """Run the rest of the discussion on its lane; its events as they arrive."""
+    async def run(self, doc: session_pb2.Discussion, principal: str) -> AsyncIterator[AgentEvents]:
+        """Run the rest of the discussion on its lane; its events in the batches they arrived in."""
         order = agents_pb2.LaneRun(request=run_request(doc, principal), window=self._window_events)
         order.timeout.FromNanoseconds(int(self._call_timeout_seconds * 1e9))
         await self._runs.acquire()
@@ -236,20 +244,28 @@ class LaneAgentsClient(GrpcAgentsClient):
                         item = await handle.events.get()
                         if isinstance(item, _LaneLost):
                             ended = True
+                            LANE_RUNS_ENDED.labels(item.code_name).inc()
                             raise AgentRunFailed(item.code_name, f"lane lost: {item.details}", replica_lost=True)
-                        if item.HasField("run_ended"):
-                            ended = True
-                            _raise_unless_ok(item.run_ended)
-                            return
-                        stream.took(handle)
-                        kind = item.agent_event.WhichOneof("event")
-                        if kind is not None:
-                            yield kind, getattr(item.agent_event, kind)
+                        batch: AgentEvents = []
+                        for event in item:
+                            if event.HasField("run_ended"):
+                                ended = True
+                                if batch:
+                                    yield batch
+                                _raise_unless_ok(event.run_ended)
+                                return
+                            kind = event.agent_event.WhichOneof("event")
+                            if kind is not None:
+                                batch.append((kind, getattr(event.agent_event, kind)))
+                        yield batch
+                        stream.took(handle, len(item))
             except TimeoutError as late:
                 raise AgentRunFailed(
                     "DEADLINE_EXCEEDED", "the agent service did not end the run in time", replica_lost=False
                 ) from late
             finally:
+                if not ended:
+                    LANE_RUNS_ENDED.labels(grpc.StatusCode.CANCELLED.name).inc()
                 stream.close_run(handle, cancel=not ended)
         finally:
             self._runs.release()
@@ -280,6 +296,7 @@ class LaneAgentsClient(GrpcAgentsClient):
 
 def _raise_unless_ok(ended: agents_pb2.LaneRunEnded) -> None:
     code = _CODES.get(ended.code, grpc.StatusCode.UNKNOWN)
+    LANE_RUNS_ENDED.labels(code.name).inc()
     if code is grpc.StatusCode.OK:
         return
     raise AgentRunFailed(code.name, ended.message, replica_lost=code in REPLICA_LOST_CODES)

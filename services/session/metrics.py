@@ -25,3 +25,9 @@ AGENT_RUNS_WAITING = Gauge(
     "Running discussions waiting for one of max_concurrent_agent_runs calls to the agent service.",
 )
 STREAM_SUBSCRIBERS = Gauge("roundtable_stream_subscribers", "StreamDiscussion calls open on this replica.")
+LANE_RUNS_ENDED = Counter(
+    "roundtable_lane_runs_ended_total",
+    "Discussion runs on lanes to the agent service, by how this replica saw them end (the status the agent "
+    "service reported; UNAVAILABLE also for a lane lost; CANCELLED for a run this replica stopped).",
+    ["grpc_code"],
+)

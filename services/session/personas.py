@@ -28,8 +28,8 @@ class PersonaCatalog:
         self._by_key = by_key
         self._default_roster = list(roster.default_roster)
 
-    async def resolve(self, names: list[str]) -> list[str]:
-        """Canonical names for the request (default roster when empty), moderator last."""
+    async def resolve(self, names: list[str], *, summary: bool = True) -> list[str]:
+        """Canonical names for the request (default roster when empty), moderator last; without it if not summary."""
         if not self._by_key:
             await self.refresh()
         if len(names) > self._max_personas:
@@ -48,5 +48,5 @@ class PersonaCatalog:
         debaters = [n for n in chosen if n != self._moderator]
         if not debaters:
             raise InvalidArgument("name at least one persona besides the moderator", "personas")
-        # The moderator always sums up, and does so last.
-        return [*debaters, self._moderator] if self._moderator else debaters
+        # The moderator sums up, and does so last, unless the caller wants the panel only.
+        return [*debaters, self._moderator] if self._moderator and summary else debaters

@@ -17,8 +17,9 @@ import time
 from dataclasses import dataclass, field
 from typing import TypeAlias
 
+from services.gen.roundtable.common.v1 import discussion_pb2
 from services.gen.roundtable.session.v1 import session_pb2
-from services.session.agents_client import AgentRunFailed, AgentsClient
+from services.session.agents_client import AgentEvents, AgentRunFailed, AgentsClient
 from services.session.document import apply_event, cancel_running_results, failure_reasons, is_terminal, now_timestamp
 from services.session.metrics import DISCUSSIONS_FINISHED
 from services.session.notifier import EventNotifier
@@ -201,10 +202,33 @@ class DiscussionRunner:
             return  # everything was done before the interruption but the final status
         # Deltas stop being recorded near the cap; the structural events always fit within it.
         delta_cutoff = self._max_events - 3 * len(doc.personas) * (doc.rounds + 1) - 10
-        async for kind, payload in self._agents.run(doc, live.owner):
-            if kind == "agent_delta" and doc.last_sequence >= delta_cutoff:
-                continue
-            await self.record(live, **{kind: payload})
+        async for batch in self._agents.run(doc, live.owner):
+            if doc.last_sequence >= delta_cutoff:
+                batch = [(kind, payload) for kind, payload in batch if kind != "agent_delta"]
+            if batch:
+                await self._record_batch(live, merged_deltas(batch))
+
+    async def _record_batch(self, live: LiveDiscussion, batch: AgentEvents) -> None:
+        """Sequence events that arrived together, store them in one write, fold them in, then wake readers once."""
+        doc = live.doc
+        stamp = now_timestamp()
+        events = []
+        for kind, payload in batch:
+            event = session_pb2.DiscussionEvent(
+                discussion_id=doc.discussion_id,
+                sequence=doc.last_sequence + 1,
+                time=stamp,
+                **{kind: payload},  # type: ignore[arg-type]
+            )
+            apply_event(doc, event)
+            if kind != "agent_delta":
+                _extend_expiry(doc)
+            events.append(event)
+        # Shielded, log before document, as in record(); a batch holds no terminal status (finish() records it).
+        await asyncio.shield(self._store.append_events(events))
+        if any(kind in DOCUMENT_EVENTS for kind, _ in batch):
+            await asyncio.shield(self._store.save(doc))
+        self._notifier.publish(doc.discussion_id, doc.last_sequence)
 
     async def record(self, live: LiveDiscussion, **payload: object) -> None:
         """Sequence an event, store it, fold it into the document, then wake readers."""
@@ -233,6 +257,25 @@ class DiscussionRunner:
             if kind in DOCUMENT_EVENTS:
                 await asyncio.shield(self._store.save(doc))
         self._notifier.publish(doc.discussion_id, event.sequence)
+
+
+def merged_deltas(batch: AgentEvents) -> AgentEvents:
+    """The batch with each run of consecutive deltas of one answer merged into one delta (same text, fewer events)."""
+    merged: AgentEvents = []
+    for kind, payload in batch:
+        if kind == "agent_delta" and merged and merged[-1][0] == "agent_delta":
+            previous = merged[-1][1]
+            assert isinstance(previous, discussion_pb2.AgentDelta) and isinstance(payload, discussion_pb2.AgentDelta)
+            if (previous.agent, previous.round) == (payload.agent, payload.round):
+                merged[-1] = (
+                    kind,
+                    discussion_pb2.AgentDelta(
+                        agent=payload.agent, round=payload.round, text=previous.text + payload.text
+                    ),
+                )
+                continue
+        merged.append((kind, payload))
+    return merged
 
 
 def _extend_expiry(doc: session_pb2.Discussion) -> None:

@@ -85,7 +85,7 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
         token_budget = validation.token_budget(request.token_budget)
         ttl_seconds = self._ttl_seconds(request)
         timeout_seconds = self._timeout_seconds(request)
-        personas = await self._personas.resolve(list(request.personas))
+        personas = await self._personas.resolve(list(request.personas), summary=not request.skip_summary)
         public_id, proposed = self._new_id(context)
         new = NewDiscussion(
             discussion_id=self._ids.store_id(owner, public_id),

@@ -40,6 +40,14 @@ async def test_discuss_streams_every_event_once_in_order_to_the_terminal_status(
     assert doc.last_sequence == events[-1].sequence
 
 
+async def test_discuss_without_summary_streams_the_panel_only(client: Client) -> None:
+    events = [event async for event in client.discuss("Panel only", personas=PERSONAS, summary=False)]
+    assert_whole_stream(events)
+    assert final_status(events) == DiscussionStatus.COMPLETED
+    assert not [event for event in events if isinstance(event, SummaryCompleted)]
+    assert {event.agent for event in events if isinstance(event, AgentCompleted)} == {"科学家", "经济学家"}
+
+
 async def test_events_after_a_sequence_replays_only_the_rest(client: Client) -> None:
     created = await client.create("Replay the tail", personas=PERSONAS)
     whole = [event async for event in client.events(created.discussion_id)]

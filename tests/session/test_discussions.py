@@ -18,7 +18,7 @@ from google.protobuf.message import Message
 from services.gen.roundtable.common.v1 import discussion_pb2
 from services.gen.roundtable.session.v1 import session_pb2
 from services.session.admission import MemoryAdmission
-from services.session.agents_client import AgentEvent, AgentRunFailed, PersonaInfo, Roster
+from services.session.agents_client import AgentEvents, AgentRunFailed, PersonaInfo, Roster
 from services.session.cancel_relay import LocalCancelRelay
 from services.session.discussions import (
     AlreadyEnded,
@@ -48,24 +48,28 @@ class FakeAgents:
         """Runs of this topic wait (after their first event) until the returned event is set."""
         return self.held.setdefault(topic, asyncio.Event())
 
-    async def run(self, doc: session_pb2.Discussion, principal: str) -> AsyncIterator[AgentEvent]:
+    async def run(self, doc: session_pb2.Discussion, principal: str) -> AsyncIterator[AgentEvents]:
         """Each remaining round: started, one delta, completed, round completed, per persona."""
         first_round = doc.completed_rounds + 1
         self.runs.append((doc.topic, first_round))
         for round_number in range(first_round, doc.rounds + 1):
             for agent in doc.personas:
-                yield "agent_started", discussion_pb2.AgentStarted(agent=agent, round=round_number)
+                yield [("agent_started", discussion_pb2.AgentStarted(agent=agent, round=round_number))]
                 if self.lose_replica.get(doc.topic, 0) > 0:
                     self.lose_replica[doc.topic] -= 1
                     raise AgentRunFailed("UNAVAILABLE", "connection reset", replica_lost=True)
                 if doc.topic in self.held:
                     await self.held[doc.topic].wait()
-                yield "agent_delta", discussion_pb2.AgentDelta(agent=agent, round=round_number, text="an ")
+                # Arrived together, as a lane delivers them: two deltas of one answer, then the answer.
                 answer: Message = discussion_pb2.AgentCompleted(
                     agent=agent, round=round_number, text=f"answer on {doc.topic}"
                 )
-                yield "agent_completed", answer
-            yield "round_completed", discussion_pb2.RoundCompleted(round=round_number, completed_agents=1)
+                yield [
+                    ("agent_delta", discussion_pb2.AgentDelta(agent=agent, round=round_number, text="answer ")),
+                    ("agent_delta", discussion_pb2.AgentDelta(agent=agent, round=round_number, text=f"on {doc.topic}")),
+                    ("agent_completed", answer),
+                ]
+            yield [("round_completed", discussion_pb2.RoundCompleted(round=round_number, completed_agents=1))]
 
     async def release(self, discussion_id: str) -> None:
         """Remember the release."""
@@ -197,7 +201,11 @@ async def test_the_queued_discussion_runs_when_the_running_one_completes(one_slo
     await ends(one_slot, first)
     await ends(one_slot, second)
     assert [topic for topic, _ in one_slot.agents.runs] == ["first", "second"]
-    assert (one_slot.admission.active(), one_slot.admission.queued()) == (0, 0)
+
+    async def all_released() -> bool:
+        return (one_slot.admission.active(), one_slot.admission.queued()) == (0, 0)
+
+    await until(all_released)
 
 
 async def test_the_queued_discussion_runs_when_the_running_one_is_cancelled(one_slot: Replica) -> None:
@@ -370,6 +378,9 @@ async def test_a_follower_gets_every_event_in_order_up_to_the_terminal_one(one_s
     assert [e.sequence for e in events] == list(range(1, len(events) + 1))
     assert events[-1].status_changed.status == session_pb2.DISCUSSION_STATUS_COMPLETED
     assert sum(e.WhichOneof("event") == "round_completed" for e in events) == 2
+    # The two deltas that arrived together were recorded as one, with the text of both.
+    deltas = [e.agent_delta.text for e in events if e.WhichOneof("event") == "agent_delta"]
+    assert deltas == ["answer on followed", "answer on followed"]
 
 
 async def test_a_follower_of_a_deleted_discussion_stops(one_slot: Replica) -> None:
@@ -510,7 +521,12 @@ async def test_a_running_discussion_past_its_timeout_ends_timed_out(one_slot: Re
     one_slot.agents.hold("slow")
     doc, _ = await one_slot.discussions.create(OWNER, new("slow", timeout_seconds=0.2))
     await ends(one_slot, doc.discussion_id, session_pb2.DISCUSSION_STATUS_TIMED_OUT)
-    assert one_slot.admission.active() == 0
+
+    async def slot_freed() -> bool:
+        # Its task frees the slot just after recording the terminal status.
+        return one_slot.admission.active() == 0
+
+    await until(slot_freed)
 
 
 async def test_many_discussions_at_once_each_end_with_their_own_answers() -> None:
@@ -522,7 +538,12 @@ async def test_many_discussions_at_once_each_end_with_their_own_answers() -> Non
             await ends(replica, doc.discussion_id)
             final = await replica.discussions.read(doc.discussion_id, OWNER)
             assert {r.text for r in final.results} == {f"answer on {doc.topic}"}
-        assert (replica.admission.active(), replica.admission.queued()) == (0, 0)
+
+        async def all_released() -> bool:
+            # A discussion's task frees its slot just after its terminal status is recorded.
+            return (replica.admission.active(), replica.admission.queued()) == (0, 0)
+
+        await until(all_released)
         assert replica.discussions.running_count() == replica.discussions.queued_count() == 0
     finally:
         await replica.discussions.close()

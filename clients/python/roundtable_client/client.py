@@ -162,6 +162,7 @@ class Client:
         rounds: int = 1,
         ttl: datetime.timedelta | None = None,
         token_budget: int = 0,
+        summary: bool = True,
         max_duration: datetime.timedelta | None = None,
         request_id: str | None = None,
         discussion_id: str | None = None,
@@ -172,7 +173,7 @@ class Client:
         `discussion_id` is proposed to the server (32 lowercase hex; minted here when not given) and sent
         as x-session-id, so a load balancer hashing on it routes the create like every later call.
         `ttl` is the idle time before it expires, `max_duration` the longest it may run, `token_budget`
-        the most tokens it may spend (0: no limit).
+        the most tokens it may spend (0: no limit); `summary=False` asks for the panel only (no moderator).
         """
         request = session_pb2.CreateDiscussionRequest(
             topic=topic,
@@ -180,6 +181,7 @@ class Client:
             rounds=rounds,
             request_id=request_id or uuid.uuid4().hex,
             token_budget=token_budget,
+            skip_summary=not summary,
         )
         if ttl is not None:
             request.ttl.FromTimedelta(ttl)
@@ -330,6 +332,7 @@ class Client:
         rounds: int = 1,
         ttl: datetime.timedelta | None = None,
         token_budget: int = 0,
+        summary: bool = True,
         max_duration: datetime.timedelta | None = None,
         request_id: str | None = None,
     ) -> AsyncIterator[Event]:
@@ -340,6 +343,7 @@ class Client:
             rounds=rounds,
             ttl=ttl,
             token_budget=token_budget,
+            summary=summary,
             max_duration=max_duration,
             request_id=request_id,
         )

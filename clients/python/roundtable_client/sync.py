@@ -81,6 +81,7 @@ class SyncClient:
         rounds: int = 1,
         ttl: datetime.timedelta | None = None,
         token_budget: int = 0,
+        summary: bool = True,
         max_duration: datetime.timedelta | None = None,
         request_id: str | None = None,
         discussion_id: str | None = None,
@@ -94,6 +95,7 @@ class SyncClient:
                 rounds=rounds,
                 ttl=ttl,
                 token_budget=token_budget,
+                summary=summary,
                 max_duration=max_duration,
                 request_id=request_id,
                 discussion_id=discussion_id,
@@ -131,6 +133,7 @@ class SyncClient:
         rounds: int = 1,
         ttl: datetime.timedelta | None = None,
         token_budget: int = 0,
+        summary: bool = True,
         max_duration: datetime.timedelta | None = None,
         request_id: str | None = None,
     ) -> Iterator[Event]:
@@ -142,6 +145,7 @@ class SyncClient:
                 rounds=rounds,
                 ttl=ttl,
                 token_budget=token_budget,
+                summary=summary,
                 max_duration=max_duration,
                 request_id=request_id,
             )

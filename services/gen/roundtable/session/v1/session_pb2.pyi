@@ -61,6 +61,7 @@ class CreateDiscussionRequest(_message.Message):
     TTL_FIELD_NUMBER: _builtins.int
     TOKEN_BUDGET_FIELD_NUMBER: _builtins.int
     TIMEOUT_FIELD_NUMBER: _builtins.int
+    SKIP_SUMMARY_FIELD_NUMBER: _builtins.int
     topic: _builtins.str
     """What to discuss: 1 to 4,000 characters, not only whitespace."""
     rounds: _builtins.int
@@ -73,6 +74,8 @@ class CreateDiscussionRequest(_message.Message):
     left) and settles to its real usage after; a call without room for a minimal answer is not
     made, and its answer fails with the reason.
     """
+    skip_summary: _builtins.bool
+    """True: the panel only — the moderator does not sum up (no summary, no round rounds + 1)."""
     @_builtins.property
     def personas(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Persona names or aliases; empty means the default roster."""
@@ -98,10 +101,11 @@ class CreateDiscussionRequest(_message.Message):
         ttl: _duration_pb2.Duration | None = ...,
         token_budget: _builtins.int = ...,
         timeout: _duration_pb2.Duration | None = ...,
+        skip_summary: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["timeout", b"timeout", "ttl", b"ttl"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["personas", b"personas", "request_id", b"request_id", "rounds", b"rounds", "timeout", b"timeout", "token_budget", b"token_budget", "topic", b"topic", "ttl", b"ttl"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["personas", b"personas", "request_id", b"request_id", "rounds", b"rounds", "skip_summary", b"skip_summary", "timeout", b"timeout", "token_budget", b"token_budget", "topic", b"topic", "ttl", b"ttl"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
