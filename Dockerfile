@@ -13,8 +13,10 @@ RUN python -m venv /opt/roundtable
 WORKDIR /src
 COPY pyproject.toml ./
 COPY services ./services
-# setuptools builds the project itself (a pure-Python wheel); every dependency comes as a wheel.
-RUN /opt/roundtable/bin/pip install --no-binary=roundtable . \
+COPY clients/python ./clients/python
+# setuptools builds the project and the client SDK the `roundtable` CLI is built on (pure-Python wheels);
+# every dependency comes as a wheel.
+RUN /opt/roundtable/bin/pip install --no-binary=roundtable,roundtable-client ./clients/python . \
     && /opt/roundtable/bin/pip uninstall --yes pip setuptools
 
 # --- run: the interpreter, the virtualenv, an unprivileged user; no pip, no compiler

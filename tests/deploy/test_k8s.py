@@ -718,6 +718,8 @@ def test_dockerfile_builds_an_unprivileged_multi_stage_image() -> None:
                 assert container["command"][0] in scripts, container["command"]
     ignored = (ROOT / ".dockerignore").read_text().splitlines()
     assert "*" in ignored and "!services/" in ignored and "!pyproject.toml" in ignored
+    # The `roundtable` CLI in the image is built on the client SDK: it must be in the context and installed.
+    assert "!clients/python/" in ignored and "./clients/python" in text
 
 
 def test_dockerfile_passes_hadolint() -> None:
