@@ -17,8 +17,10 @@ response, both through the host), the other way AutoGen's API offers.
 
 The host and worker print the suite's ready line ("<name> listening on ADDRESS metrics -1"); the
 worker's address answers /bench.Control/Stats with its counts (created: discussions received,
-completed: discussions whose three answers went out), so a run is validated by the server's side,
-and /bench.Peer/PeakActive with the most discussions it held at once.
+completed: discussions whose three answers went out), so a run is validated by the server's side.
+Both addresses answer /bench.Peer/PeakActive with the most discussions that process held at once:
+the worker's received and not yet answered, the host's routed in and not yet answered back out (the
+host listens for agents on the --port given; its announced address is that count's).
 The client prints one JSON object: when it published each discussion, when each one's third answer
 came, and the answers counted.
 """
@@ -32,7 +34,9 @@ import json
 import signal
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
 from autogen_core import (
@@ -185,11 +189,51 @@ class Collector(RoutedAgent):
         self._tally.answer(message)
 
 
-def peak_active_handler(tally: WorkerTally) -> grpc.GenericRpcHandler:
-    """/bench.Peer/PeakActive: the worker's peak of discussions held at once, as JSON {"peak_active": N}."""
+@dataclass
+class HostTally:
+    """The answers the host still owes clients: what a discussion held by the server is, seen from the router."""
+
+    owed_answers: int = 0
+    peak_owed_answers: int = 0
+
+    @property
+    def peak_active(self) -> int:
+        """The most discussions in the host's hands at once (three answers owed make one discussion)."""
+        return -(-self.peak_owed_answers // len(PANELISTS))
+
+    def saw(self, message: Any) -> None:
+        """Count one message routed: a discussion (or a question) in owes answers, an answer (or response) out pays."""
+        kind = message.WhichOneof("message")
+        if kind == "cloudEvent":
+            if message.cloudEvent.type == DISCUSSION_TOPIC:
+                self.owed_answers += len(PANELISTS)
+            elif message.cloudEvent.type == ANSWER_TOPIC:
+                self.owed_answers -= 1
+        elif kind == "request":
+            self.owed_answers += 1
+        elif kind == "response":
+            self.owed_answers -= 1
+        self.peak_owed_answers = max(self.peak_owed_answers, self.owed_answers)
+
+
+def count_host_traffic(host: GrpcWorkerAgentRuntimeHost, tally: HostTally) -> None:
+    """Have the host's servicer count every message it routes (before any worker or client connects)."""
+    # The runtime offers no hook on its traffic: this wraps the one method every routed message goes through.
+    servicer = host._servicer
+    route = servicer._receive_message
+
+    async def counted(client_id: str, message: Any) -> None:
+        tally.saw(message)
+        await route(client_id, message)
+
+    servicer._receive_message = counted
+
+
+def peak_active_handler(peak_active: Callable[[], int]) -> grpc.GenericRpcHandler:
+    """/bench.Peer/PeakActive: a process's peak of discussions held at once, as JSON {"peak_active": N}."""
 
     async def behaviour(request: bytes, context: object) -> bytes:
-        return json.dumps({"peak_active": tally.peak_active}).encode()
+        return json.dumps({"peak_active": peak_active()}).encode()
 
     method: grpc.RpcMethodHandler[bytes, bytes] = grpc.unary_unary_rpc_method_handler(behaviour)
     return grpc.method_handlers_generic_handler(PEAK_ACTIVE_SERVICE, {PEAK_ACTIVE_NAME: method})
@@ -204,15 +248,22 @@ async def _until_signalled() -> None:
 
 
 async def run_host(port: int) -> None:
-    """Serve the runtime host (the message router) until SIGTERM."""
+    """Serve the runtime host (the message router) on `port` until SIGTERM; announce the port of its peak count."""
     address = f"127.0.0.1:{port}"
+    tally = HostTally()
     host = GrpcWorkerAgentRuntimeHost(address=address)
+    count_host_traffic(host, tally)
     host.start()
     # start() serves from a background task: ready once a channel to it connects.
     async with grpc.aio.insecure_channel(address) as channel:
         await asyncio.wait_for(channel.channel_ready(), timeout=30)
-    announce("autogen-host", port)
+    stats = grpc.aio.server()
+    stats.add_generic_rpc_handlers([peak_active_handler(lambda: tally.peak_active)])
+    stats_port = stats.add_insecure_port("127.0.0.1:0")
+    await stats.start()
+    announce("autogen-host", stats_port)
     await _until_signalled()
+    await stats.stop(grace=None)
     await host.stop(grace=STOP_GRACE_SECONDS)
 
 
@@ -231,7 +282,7 @@ async def run_worker(host_address: str, latency_seconds: float) -> None:
         await runtime.add_subscription(TypeSubscription(topic_type=DISCUSSION_TOPIC, agent_type=name))
     # The counts on a port of their own: the runtime's server is the host's, not ours to extend.
     stats = grpc.aio.server()
-    stats.add_generic_rpc_handlers([stats_handler(tally.counters), peak_active_handler(tally)])
+    stats.add_generic_rpc_handlers([stats_handler(tally.counters), peak_active_handler(lambda: tally.peak_active)])
     stats_port = stats.add_insecure_port("127.0.0.1:0")
     await stats.start()
     announce("autogen-worker", stats_port)

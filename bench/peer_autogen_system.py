@@ -23,7 +23,7 @@ from services.shared.processes import free_port
 INSTALL_COMMAND = "scripts/install_peers.sh"
 # Where scripts/install_peers.sh puts the virtualenv unless told otherwise (keep the two in step).
 PEERS_VENV_ENV = "ROUNDTABLE_PEERS_VENV"
-# The worker's peak of discussions held at once (served by bench/peer_autogen.peak_active_handler: keep in step).
+# A host's or worker's peak of discussions held at once (served by bench/peer_autogen.peak_active_handler).
 PEAK_ACTIVE_METHOD = "/bench.Peer/PeakActive"
 # The client's own cap on waiting, beyond the run's timeout, before the bench gives up on it.
 CLIENT_EXIT_SLACK_SECONDS = 30.0
@@ -51,10 +51,11 @@ def missing_message() -> str:
 
 @dataclass
 class AutoGenSystem:
-    """A started host and worker: the bench System (counts from the worker) and the host's address."""
+    """A started host and worker: the bench System (counts from the worker), the host's address and its count's."""
 
     system: System
     host_address: str
+    host_count_address: str
     python: str
 
 
@@ -78,29 +79,28 @@ async def start_autogen(workdir: pathlib.Path, latency_seconds: float) -> AutoGe
         raise RuntimeError(missing_message())
     # The host does not report the port it bound, so it is chosen here.
     port = free_port()
+    routing_address = f"127.0.0.1:{port}"
+    # It announces the address of its peak count; agents and clients connect to the port given.
     host = await procs.start(
         "autogen-host", ["bench.peer_autogen", "host", "--port", str(port)], core=procs.SERVER_CORE, cwd=workdir,
         python=python,
     )  # fmt: skip
     try:
+        worker_args = ["worker", "--host-address", routing_address, "--latency-seconds", str(latency_seconds)]
         worker = await procs.start(
-            "autogen-worker",
-            ["bench.peer_autogen", "worker", "--host-address", host.address, "--latency-seconds", str(latency_seconds)],
-            core=procs.SERVER_CORE,
-            cwd=workdir,
-            python=python,
+            "autogen-worker", ["bench.peer_autogen", *worker_args], core=procs.SERVER_CORE, cwd=workdir, python=python
         )
     except BaseException:
         await procs.stop([host], grace_seconds=5)
         raise
     # The worker's address answers /bench.Control/Stats, so System.counts() reads it like a baseline's.
     system = System(name="autogen", address=worker.address, procs=[host, worker])
-    return AutoGenSystem(system=system, host_address=host.address, python=python)
+    return AutoGenSystem(system=system, host_address=routing_address, host_count_address=host.address, python=python)
 
 
-async def read_peak_active(started: AutoGenSystem) -> int:
-    """The most discussions the worker held at once (received from the host, not yet answered by all three)."""
-    async with grpc.aio.insecure_channel(started.system.address) as channel:
+async def read_peak_active(address: str) -> int:
+    """The most discussions the host or worker at `address` held at once (bench/peer_autogen.py: how each counts)."""
+    async with grpc.aio.insecure_channel(address) as channel:
         call: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(PEAK_ACTIVE_METHOD)
         raw = await call(b"", timeout=30)
     return int(json.loads(raw)["peak_active"])

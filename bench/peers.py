@@ -160,8 +160,9 @@ def _notes(latency: float, with_autogen: bool) -> list[str]:
         "RSS per active discussion: (peak RSS of the server processes, read from /proc every "
         f"{RSS_INTERVAL_SECONDS:g} s, − their RSS idle after start-up) / the most discussions active at once: "
         "from each one's accept to its end as the client timed them; for AutoGen, which acknowledges nothing, "
-        "the most its worker held at once (received, not yet answered by all three; a publish may still wait in "
-        "the client's queue, so sent-and-not-done, peak_sent_not_done, would flatter it).",
+        "the most its host held at once (routed in, answers not yet routed back out: peak_active; its worker's "
+        "own peak is peak_active_worker). Sent-and-not-done (peak_sent_not_done) would flatter AutoGen: a "
+        "publish can wait in the client's own queue.",
         f"Roundtable, bare grpc.aio and the seed design also run the moderator's summary ({latency:g} s, after "
         f"the answers): their create→done floor is {2 * latency:g} s, the peers' {latency:g} s.",
     ]
@@ -326,7 +327,8 @@ async def autogen_sample(ctx: Context, name: str, count: int, latency: float, re
             figures = await run_client(started, count, ctx.profile.done_timeout_seconds, run_tag, mode)
         cpu_seconds = procs.cpu_seconds(system.pids) - cpu_before
         delta = (await system.counts()).minus(before)
-        worker_peak_active = await read_peak_active(started)
+        host_peak_active = await read_peak_active(started.host_count_address)
+        worker_peak_active = await read_peak_active(system.address)
     finally:
         await system.stop()
     sent, completed = len(figures.sent_wall), len(figures.done_wall)
@@ -338,15 +340,16 @@ async def autogen_sample(ctx: Context, name: str, count: int, latency: float, re
     if delta.msgs_sent != figures.answers:
         problems.append(f"worker sent {delta.msgs_sent} answers, client received {figures.answers}")
     timing = timing_values(figures.first_sent, figures.sent_wall, figures.sent_wall, figures.done_wall)
-    # Sent is not held: a publish may wait in the client's own queue. The worker's peak is what the server held.
+    # Sent is not held: a publish may wait in the client's own queue. The host's peak is what the server held.
     timing["peak_sent_not_done"] = timing.pop("peak_active")
     values = {
         "sent": float(sent),
         "completed": float(completed),
         "errors": float(sent - completed + figures.unexpected_answers),
         "cpu_ms_per_discussion": cpu_seconds / max(completed, 1) * 1000,
-        "rss_per_active_kb": (rss.peak - idle_rss) / max(worker_peak_active, 1) / 1024,
-        "peak_active": float(worker_peak_active),
+        "rss_per_active_kb": (rss.peak - idle_rss) / max(host_peak_active, 1) / 1024,
+        "peak_active": float(host_peak_active),
+        "peak_active_worker": float(worker_peak_active),
         **timing,
         "client_cpu_ms_per_discussion": figures.cpu_seconds / max(sent, 1) * 1000,
         "rss_idle_mb": idle_rss / 2**20,
