@@ -48,14 +48,26 @@ class Suite:
         self.channels.append(channel)
         return channel
 
-    def session(self) -> session_pb2_grpc.SessionServiceStub:
-        return session_pb2_grpc.SessionServiceStub(self._channel(self.session_host))
+    def session(self) -> session_pb2_grpc.SessionServiceAsyncStub:
+        """A stub on a channel of its own to the session service (closed with the suite)."""
+        stub: session_pb2_grpc.SessionServiceAsyncStub = session_pb2_grpc.SessionServiceStub(  # type: ignore[assignment]
+            self._channel(self.session_host)
+        )
+        return stub
 
-    def agents(self) -> agents_pb2_grpc.AgentServiceStub:
-        return agents_pb2_grpc.AgentServiceStub(self._channel(self.agents_host))
+    def agents(self) -> agents_pb2_grpc.AgentServiceAsyncStub:
+        """A stub on a channel of its own to the agent service."""
+        stub: agents_pb2_grpc.AgentServiceAsyncStub = agents_pb2_grpc.AgentServiceStub(  # type: ignore[assignment]
+            self._channel(self.agents_host)
+        )
+        return stub
 
-    def monitor(self) -> monitor_pb2_grpc.MonitorServiceStub:
-        return monitor_pb2_grpc.MonitorServiceStub(self._channel(self.monitor_host))
+    def monitor(self) -> monitor_pb2_grpc.MonitorServiceAsyncStub:
+        """A stub on a channel of its own to the monitor service."""
+        stub: monitor_pb2_grpc.MonitorServiceAsyncStub = monitor_pb2_grpc.MonitorServiceStub(  # type: ignore[assignment]
+            self._channel(self.monitor_host)
+        )
+        return stub
 
     async def restart_session(self, **overrides: Any) -> None:
         """Stop the session service and start a new one with the same settings (and store file)."""
@@ -114,7 +126,7 @@ async def start_suite(
 
 
 async def run_to_end(
-    stub: session_pb2_grpc.SessionServiceStub, request: session_pb2.CreateDiscussionRequest
+    stub: session_pb2_grpc.SessionServiceAsyncStub, request: session_pb2.CreateDiscussionRequest
 ) -> tuple[session_pb2.Discussion, list[session_pb2.DiscussionEvent]]:
     """Create a discussion, stream it to the end, and return the final document and every event."""
     created = await stub.CreateDiscussion(request, timeout=30)
