@@ -13,30 +13,21 @@ import pytest
 
 from services.gen.roundtable.agents.v1 import agents_pb2, agents_pb2_grpc
 from services.gen.roundtable.session.v1 import session_pb2
+from tests.session.agent_proxy import ForwardingAgentService, serve
 from tests.suite import Suite
 
 MakeSuite = Callable[..., Awaitable[Suite]]
 
 
-class WatchingProxy(agents_pb2_grpc.AgentServiceServicer):
+class WatchingProxy(ForwardingAgentService):
     """Forwards to the real agent service; counts open RunDiscussion calls; can drop first calls."""
 
-    def __init__(self, upstream: agents_pb2_grpc.AgentServiceStub, *, drop_first_call: bool = False) -> None:
-        self._upstream = upstream
+    def __init__(self, upstream: agents_pb2_grpc.AgentServiceAsyncStub, *, drop_first_call: bool = False) -> None:
+        super().__init__(upstream)
         self._drop_first_call = drop_first_call
         self.seen: dict[str, int] = {}
         self.open_calls = 0
         self.most_open_calls = 0
-
-    async def ListPersonas(
-        self, request: agents_pb2.ListPersonasRequest, context: grpc.aio.ServicerContext
-    ) -> agents_pb2.ListPersonasResponse:
-        return await self._upstream.ListPersonas(request)
-
-    async def ReleaseSession(
-        self, request: agents_pb2.ReleaseSessionRequest, context: grpc.aio.ServicerContext
-    ) -> agents_pb2.ReleaseSessionResponse:
-        return await self._upstream.ReleaseSession(request)
 
     async def RunDiscussion(
         self, request: agents_pb2.RunDiscussionRequest, context: grpc.aio.ServicerContext
@@ -64,15 +55,11 @@ async def behind_proxy(make_suite: MakeSuite) -> AsyncIterator[BehindProxy]:
 
     async def start(session: dict[str, object], **proxy: bool) -> tuple[Suite, WatchingProxy]:
         suite = await make_suite(simulator={"first_token_latency_ms": 150})
-        upstream = agents_pb2_grpc.AgentServiceStub(suite._channel(suite.agents_host))
-        watcher = WatchingProxy(upstream, **proxy)
-        server = grpc.aio.server()
+        watcher = WatchingProxy(suite.agents(), **proxy)
+        server, address = await serve(watcher)
         servers.append(server)
-        agents_pb2_grpc.add_AgentServiceServicer_to_server(watcher, server)  # type: ignore[no-untyped-call]
-        port = server.add_insecure_port("127.0.0.1:0")
-        await server.start()
         # The proxy watches RunDiscussion calls: the per-call transport (lanes are tests/session/test_lanes.py's).
-        await suite.restart_session(agents_address=f"127.0.0.1:{port}", agents_transport="calls", **session)
+        await suite.restart_session(agents_address=address, agents_transport="calls", **session)
         return suite, watcher
 
     yield start

@@ -20,6 +20,7 @@ from services.gen.roundtable.agents.v1 import agents_pb2, agents_pb2_grpc
 from services.gen.roundtable.session.v1 import session_pb2
 from services.session.agents_client import agents_channel
 from services.session.agents_lanes import LaneAgentsClient
+from tests.session.agent_proxy import ForwardingAgentService, serve
 from tests.suite import Suite, run_to_end
 from tests.test_isolation import check_concurrent_discussions_stay_isolated
 
@@ -34,23 +35,13 @@ async def test_two_hundred_discussions_over_one_lane_stay_isolated_and_ordered(m
     await check_concurrent_discussions_stay_isolated(suite)
 
 
-class LaneCuttingProxy(agents_pb2_grpc.AgentServiceServicer):
+class LaneCuttingProxy(ForwardingAgentService):
     """Forwards to the real agent service; records each lane's runs; can cut a lane as a lost replica would."""
 
-    def __init__(self, upstream: agents_pb2_grpc.AgentServiceStub) -> None:
-        self._upstream = upstream
+    def __init__(self, upstream: agents_pb2_grpc.AgentServiceAsyncStub) -> None:
+        super().__init__(upstream)
         self.runs: list[tuple[str, str, int]] = []  # (lane key, session id, start round)
         self._cuts: dict[str, asyncio.Event] = {}
-
-    async def ListPersonas(
-        self, request: agents_pb2.ListPersonasRequest, context: grpc.aio.ServicerContext
-    ) -> agents_pb2.ListPersonasResponse:
-        return await self._upstream.ListPersonas(request)
-
-    async def ReleaseSession(
-        self, request: agents_pb2.ReleaseSessionRequest, context: grpc.aio.ServicerContext
-    ) -> agents_pb2.ReleaseSessionResponse:
-        return await self._upstream.ReleaseSession(request)
 
     async def RunLane(
         self, requests: AsyncIterator[agents_pb2.RunLaneRequest], context: grpc.aio.ServicerContext
@@ -97,13 +88,10 @@ class LaneCuttingProxy(agents_pb2_grpc.AgentServiceServicer):
 
 async def test_a_broken_lane_re_runs_only_its_own_discussions_round(make_suite: MakeSuite) -> None:
     suite = await make_suite(simulator={"first_token_latency_ms": 1500})
-    proxy = LaneCuttingProxy(agents_pb2_grpc.AgentServiceStub(suite._channel(suite.agents_host)))
-    server = grpc.aio.server()
-    agents_pb2_grpc.add_AgentServiceServicer_to_server(proxy, server)  # type: ignore[no-untyped-call]
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
+    proxy = LaneCuttingProxy(suite.agents())
+    server, address = await serve(proxy)
     try:
-        await suite.restart_session(agents_address=f"127.0.0.1:{port}", agent_lanes=2)
+        await suite.restart_session(agents_address=address, agent_lanes=2)
         stub = suite.session()
         created = []
         for index in range(40):  # until both lanes carry discussions (ids spread over the lanes)
