@@ -162,7 +162,10 @@ def _notes(latency: float, with_autogen: bool) -> list[str]:
         "from each one's accept to its end as the client timed them; for AutoGen, which acknowledges nothing, "
         "the most its host held at once (routed in, answers not yet routed back out: peak_active; its worker's "
         "own peak is peak_active_worker). Sent-and-not-done (peak_sent_not_done) would flatter AutoGen: a "
-        "publish can wait in the client's own queue.",
+        "publish can wait in the client's own queue. The figure is rough wherever the server holds discussions "
+        "in different states: AutoGen's host counts those still queued for its worker (about 10 KB each at 5,000 "
+        "at once), while Roundtable's creates not yet accepted cost memory in its gRPC server but are not counted. "
+        "The clean figure for memory per held discussion is the holds scenario's (all held, then measured).",
         f"Roundtable, bare grpc.aio and the seed design also run the moderator's summary ({latency:g} s, after "
         f"the answers): their create→done floor is {2 * latency:g} s, the peers' {latency:g} s.",
     ]
