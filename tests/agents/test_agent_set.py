@@ -249,7 +249,7 @@ def test_a_released_or_evicted_set_closes_its_sessions_log_file(
     for session_id in ids[:2]:
         registry.acquire(session_id, personas)
         with session_context(session_id, "科学家"):
-            session_files.handle(logger.makeRecord(logger.name, logging.INFO, "", 0, "answered", None, None))
+            session_files.handle(logger.makeRecord(logger.name, logging.INFO, "", 0, "answered", (), None))
     session_files.flush()  # lines are held until a flush (the logging thread's, in a service)
     assert session_files.open_files() == 2
 

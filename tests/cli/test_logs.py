@@ -31,9 +31,9 @@ def log_dir(tmp_path: pathlib.Path) -> tuple[pathlib.Path, list[str]]:
     for index, session_id in enumerate(ids):
         with session_context(session_id, "科学家"):
             for line in range(3):
-                files.handle(logger.makeRecord(logger.name, logging.INFO, "", 0, f"step {line} of {index}", None, None))
+                files.handle(logger.makeRecord(logger.name, logging.INFO, "", 0, f"step {line} of {index}", (), None))
     with session_context(ids[1]):
-        files.handle(logger.makeRecord(logger.name, logging.INFO, "", 0, "needle-7 only here", None, None))
+        files.handle(logger.makeRecord(logger.name, logging.INFO, "", 0, "needle-7 only here", (), None))
     files.close()
     return tmp_path / "logs", ids
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import grpc
 import pytest
@@ -96,8 +96,9 @@ async def fleet() -> AsyncIterator[tuple[ServiceHost, ServiceHost]]:
 async def burst(address: str, method: str, calls: int) -> set[grpc.StatusCode]:
     """Call a method of the faulty service `calls` times; the codes it answered."""
     async with grpc.aio.insecure_channel(address) as channel:
-        call = channel.unary_unary(f"/{FAULTY_SERVICE}/{method}")
-        codes = set()
+        # No serializers: the faulty service takes and answers raw bytes.
+        call: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(f"/{FAULTY_SERVICE}/{method}")
+        codes: set[grpc.StatusCode] = set()
         for _ in range(calls):
             try:
                 await call(b"", timeout=5)
@@ -106,7 +107,9 @@ async def burst(address: str, method: str, calls: int) -> set[grpc.StatusCode]:
         return codes
 
 
-async def summary_of(stub: Any, method: str, requests_at_least: int) -> monitor_pb2.MethodSummary:
+async def summary_of(
+    stub: monitor_pb2_grpc.MonitorServiceAsyncStub, method: str, requests_at_least: int
+) -> monitor_pb2.MethodSummary:
     """The monitor's summary row of a method once it has seen this many requests in its window."""
     deadline = time.monotonic() + 10
     while True:
@@ -118,7 +121,7 @@ async def summary_of(stub: Any, method: str, requests_at_least: int) -> monitor_
         await asyncio.sleep(0.05)
 
 
-async def error_rate_alerts(stub: Any) -> list[str]:
+async def error_rate_alerts(stub: monitor_pb2_grpc.MonitorServiceAsyncStub) -> list[str]:
     listed = await stub.ListAlerts(monitor_pb2.ListAlertsRequest())
     return [alert.subject for alert in listed.firing if alert.name == "error_rate"]
 

@@ -37,7 +37,7 @@ def files(tmp_path: pathlib.Path) -> Iterator[SessionLogFiles]:
 
 
 def record(message: str) -> logging.LogRecord:
-    return logger.makeRecord(logger.name, logging.INFO, __file__, 0, message, None, None)
+    return logger.makeRecord(logger.name, logging.INFO, __file__, 0, message, (), None)
 
 
 def test_two_thousand_live_sessions_keep_descriptors_bounded(files: SessionLogFiles) -> None:
