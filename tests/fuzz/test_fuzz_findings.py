@@ -49,14 +49,18 @@ def _address(suite: Suite, rpc: Rpc) -> str:
 async def _raw_call(address: str, rpc: Rpc, payload: bytes) -> grpc.StatusCode:
     async with grpc.aio.insecure_channel(address) as channel:
         try:
+            # No serializers either way: the payload goes out as raw bytes and comes back as raw bytes.
             if rpc.streaming:
-                call = channel.unary_stream(rpc.path, request_serializer=None, response_deserializer=None)
-                async for _ in call(payload, timeout=10):
+                stream: grpc.aio.UnaryStreamMultiCallable[bytes, bytes] = channel.unary_stream(
+                    rpc.path, request_serializer=None, response_deserializer=None
+                )
+                async for _ in stream(payload, timeout=10):
                     pass
             else:
-                await channel.unary_unary(rpc.path, request_serializer=None, response_deserializer=None)(
-                    payload, timeout=10
+                unary: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(
+                    rpc.path, request_serializer=None, response_deserializer=None
                 )
+                await unary(payload, timeout=10)
         except grpc.aio.AioRpcError as error:
             return error.code()
     return Code.OK
