@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -312,8 +312,10 @@ async def test_a_failing_moderator_leaves_the_rounds_intact() -> None:
 async def test_closing_the_event_stream_cancels_the_llm_calls_in_flight() -> None:
     llm = FakeLLM(hang=True)
     stream = make_run(llm, rounds=2).events()
+    # events() is typed as an iterator but is an async generator: closing it is the behaviour under test.
+    assert isinstance(stream, AsyncGenerator)
 
-    started = []
+    started: list[str] = []
     while len(started) < len(DEBATERS):
         event = await asyncio.wait_for(anext(stream), timeout=5)
         if kind(event) == "agent_started":
