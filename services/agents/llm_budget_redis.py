@@ -25,7 +25,6 @@ import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from typing import TypeVar
 
-from redis.exceptions import ClusterDownError, SlotNotCoveredError, TryAgainError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -51,8 +50,6 @@ CLAIM_MARGIN_SECONDS = 1.0
 
 _Result = TypeVar("_Result")
 
-# A Redis Cluster that lost a master, a slot no master serves, a slot moving: Redis is down for the budget too.
-CLUSTER_FAILURES = (ClusterDownError, SlotNotCoveredError, TryAgainError)
 
 # The levels refilled to now: capacity = the per-minute limit, limit/60000 per millisecond.
 # A limit of 0 (unlimited) keeps that level at 0 and the script never checks it.
@@ -283,7 +280,7 @@ class FailoverBuckets:
             return await on_fallback()
         try:
             result = await on_redis()
-        except (RedisConnectionError, RedisTimeoutError, *CLUSTER_FAILURES) as error:
+        except (RedisConnectionError, RedisTimeoutError, *redis_client.CLUSTER_FAILURES) as error:
             metrics.LLM_BUDGET_STORE_ERRORS.labels(backend=self._names.get(backend, backend)).inc()
             if self._policy == "closed":
                 raise LLMBudgetUnavailable(f"the LLM budget's Redis is unavailable: {error}") from error

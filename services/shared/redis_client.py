@@ -1,5 +1,4 @@
-"""The one way a service connects to Redis, one server or a Redis Cluster: every command bounded, a dead
-pooled connection replaced once.
+"""The one way a service connects to Redis or a Redis Cluster: every command bounded, a dead connection replaced once.
 
 A URL whose scheme is `redis+cluster://` (or `rediss+cluster://`, TLS) names a Redis Cluster by any of
 its nodes; the client then learns the slot map from that node and sends each command to the master of
@@ -22,6 +21,7 @@ from typing import Any, TypeAlias
 import redis.asyncio as redis
 from redis.asyncio.cluster import RedisCluster
 from redis.backoff import NoBackoff
+from redis.exceptions import ClusterDownError, RedisClusterException, SlotNotCoveredError, TryAgainError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.retry import Retry
 
@@ -43,12 +43,24 @@ class SlotAwareRedisCluster(RedisCluster):
     command in flight (a burst of first calls then fails with "Connection closed by server").
     """
 
+    async def initialize(self, *args: Any, **kwargs: Any) -> SlotAwareRedisCluster:
+        """Read the slot map; a ConnectionError, as from one server, when no node it knows answers."""
+        try:
+            await super().initialize(*args, **kwargs)
+        except RedisClusterException as error:  # redis-py's own, which callers would take for a bug of theirs
+            raise RedisConnectionError(f"no node of the Redis Cluster answered: {error}") from error
+        return self
+
     async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
         """Read the slot map if not read yet (a no-op after), then run the command where its key lives."""
         if self._initialize:
             await self.initialize()
         return await super().execute_command(*args, **kwargs)
 
+
+# A cluster that lost a master (CLUSTERDOWN), a slot no master serves, a slot moving (TRYAGAIN): to a caller,
+# Redis is unavailable, like a refused connection; redis-py reads the new layout on a later call.
+CLUSTER_FAILURES = (ClusterDownError, SlotNotCoveredError, TryAgainError)
 
 # A client of one server or of a Redis Cluster: the commands Roundtable uses behave the same on both.
 AnyRedis: TypeAlias = redis.Redis | RedisCluster

@@ -8,6 +8,9 @@ from collections.abc import Awaitable, Callable
 import grpc
 import pytest
 
+from services.agents.llm_budget import BudgetLimits, LLMBudgetUnavailable
+from services.agents.llm_budget_redis import FailoverBuckets, RedisBuckets
+from services.agents.llm_budget_redis import connect as budget_connect
 from services.gen.roundtable.session.v1 import session_pb2
 from services.session.redis.connection import RedisUnavailable, connect
 from services.session.stores.redis import RedisStore
@@ -19,6 +22,8 @@ from tests.suite import Suite, run_to_end
 
 MakeSuite = Callable[..., Awaitable[Suite]]
 DISCUSSIONS = 12
+BACKEND = "https://llm.example/v1#0123456789ab"
+BUDGET_LIMITS = BudgetLimits(requests_per_minute=60, tokens_per_minute=6000)
 
 
 async def test_discussions_run_end_to_end_on_a_redis_cluster_and_spread_over_its_masters(
@@ -64,7 +69,7 @@ async def test_discussions_run_end_to_end_on_a_redis_cluster_and_spread_over_its
     assert caught.value.code() == grpc.StatusCode.NOT_FOUND
 
 
-async def test_a_lost_master_makes_the_store_unavailable_not_broken_while_it_is_gone() -> None:
+async def test_a_lost_master_makes_the_store_and_the_llm_budget_unavailable_not_broken() -> None:
     with running_redis_cluster(node_timeout_ms=1000) as cluster:
         store = await RedisStore.open(connect(cluster.url))
         try:
@@ -86,5 +91,21 @@ async def test_a_lost_master_makes_the_store_unavailable_not_broken_while_it_is_
                     await asyncio.sleep(0.2)
             with pytest.raises(RedisUnavailable):
                 await store.get(elsewhere[0])
+            # A client starting now, naming the lost master: UNAVAILABLE too, not redis-py's own exception.
+            starting = connect(cluster.node_url(0))
+            with pytest.raises(RedisUnavailable):
+                await RedisStore.open(starting)
+            await starting.aclose()
+            # The LLM budget on the same cluster: open budgets alone on this replica, closed refuses.
+            opened, closed = (
+                FailoverBuckets(RedisBuckets(budget_connect(cluster.url)), policy) for policy in ("open", "closed")
+            )
+            try:
+                assert (await opened.take(BACKEND, BUDGET_LIMITS, 10)).granted and opened.redis_down
+                with pytest.raises(LLMBudgetUnavailable):
+                    await closed.take(BACKEND, BUDGET_LIMITS, 10)
+            finally:
+                await opened.close()
+                await closed.close()
         finally:
             await store.close()

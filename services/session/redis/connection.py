@@ -1,5 +1,4 @@
-"""The Redis connection (one server or a Redis Cluster) the Redis store, admission and rate limiter share, and its
-failure policy.
+"""The Redis (or Redis Cluster) connection the store, admission and rate limiter share, and its failure policy.
 
 Failure policy: every command is bounded by a socket timeout (a hung or unreachable
 Redis costs at most about that long, never a hang), a refused connection is retried
@@ -20,15 +19,8 @@ import redis.asyncio as redis
 from redis.asyncio.client import Pipeline as ServerPipeline
 from redis.asyncio.cluster import ClusterPipeline, RedisCluster
 from redis.asyncio.connection import SSLConnection
-from redis.exceptions import (
-    ClusterDownError,
-    NoScriptError,
-    OutOfMemoryError,
-    ReadOnlyError,
-    SlotNotCoveredError,
-    TryAgainError,
-)
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import NoScriptError, OutOfMemoryError, ReadOnlyError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from services.shared import redis_client
@@ -44,9 +36,14 @@ DEFAULT_TIMEOUT_SECONDS = redis_client.DEFAULT_TIMEOUT_SECONDS
 DEFAULT_MAX_CONNECTIONS = redis_client.DEFAULT_MAX_CONNECTIONS
 
 
-# A cluster that lost a master (CLUSTERDOWN), a slot no master serves, a slot moving (TRYAGAIN): for the caller,
-# Redis is unavailable, and redis-py finds the new layout on a later call.
-CLUSTER_FAILURES = (ClusterDownError, SlotNotCoveredError, TryAgainError)
+# What unavailable_on_failure() turns into RedisUnavailable.
+UNAVAILABLE_ERRORS = (
+    RedisConnectionError,
+    RedisTimeoutError,
+    ReadOnlyError,
+    OutOfMemoryError,
+    *redis_client.CLUSTER_FAILURES,
+)
 
 
 class RedisUnavailable(Unavailable):
@@ -107,7 +104,7 @@ def unavailable_on_failure(operation: str) -> Iterator[None]:
     """Turn connection errors, timeouts, a read-only replica, a full Redis, a failing cluster into RedisUnavailable."""
     try:
         yield
-    except (RedisConnectionError, RedisTimeoutError, ReadOnlyError, OutOfMemoryError, *CLUSTER_FAILURES) as error:
+    except UNAVAILABLE_ERRORS as error:
         raise RedisUnavailable(f"Redis is unavailable ({operation}): {error}") from error
 
 
