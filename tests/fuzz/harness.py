@@ -28,7 +28,7 @@ from hypothesis import strategies as st
 
 from services.gen.roundtable.agents.v1 import agents_pb2
 from services.gen.roundtable.monitor.v1 import monitor_pb2
-from services.gen.roundtable.session.v1 import session_pb2
+from services.gen.roundtable.session.v1 import session_pb2, session_pb2_grpc
 from tests.fuzz.strategies import Probe
 
 Code = grpc.StatusCode
@@ -151,7 +151,9 @@ class Outcome:
 
 
 async def _call_unary(channel: grpc.aio.Channel, rpc: Rpc, probe: Probe, seconds: float) -> Outcome:
-    call = channel.unary_unary(rpc.path, request_serializer=None, response_deserializer=rpc.response.FromString)
+    call: grpc.aio.UnaryUnaryMultiCallable[bytes, Message] = channel.unary_unary(
+        rpc.path, request_serializer=None, response_deserializer=rpc.response.FromString
+    )
     try:
         response = await call(probe.payload, timeout=seconds, metadata=probe.metadata or None)
     except grpc.aio.AioRpcError as error:
@@ -160,7 +162,9 @@ async def _call_unary(channel: grpc.aio.Channel, rpc: Rpc, probe: Probe, seconds
 
 
 async def _call_stream(channel: grpc.aio.Channel, rpc: Rpc, probe: Probe, seconds: float) -> Outcome:
-    multi = channel.unary_stream(rpc.path, request_serializer=None, response_deserializer=rpc.response.FromString)
+    multi: grpc.aio.UnaryStreamMultiCallable[bytes, Message] = channel.unary_stream(
+        rpc.path, request_serializer=None, response_deserializer=rpc.response.FromString
+    )
     call = multi(probe.payload, timeout=seconds, metadata=probe.metadata or None)
     responses: list[Message] = []
     cancelled = False
@@ -383,13 +387,16 @@ async def health_status(address: str, service: str = "") -> str:
 
 
 async def create_with_retry(
-    stub: Any, request: session_pb2.CreateDiscussionRequest, *, budget_seconds: float = 60.0
+    stub: session_pb2_grpc.SessionServiceAsyncStub,
+    request: session_pb2.CreateDiscussionRequest,
+    *,
+    budget_seconds: float = 60.0,
 ) -> session_pb2.Discussion:
     """CreateDiscussion, waiting out RESOURCE_EXHAUSTED (admission) as RetryInfo says."""
     deadline = time.monotonic() + budget_seconds
     while True:
         try:
-            return await stub.CreateDiscussion(request, timeout=10)  # type: ignore[no-any-return]
+            return await stub.CreateDiscussion(request, timeout=10)
         except grpc.aio.AioRpcError as error:
             if error.code() != Code.RESOURCE_EXHAUSTED or time.monotonic() > deadline:
                 raise

@@ -298,7 +298,7 @@ async def normal_discussion(suite: Suite, topic: str) -> session_pb2.Discussion:
 
 async def canary(suite: Suite, stop: asyncio.Event) -> list[session_pb2.Discussion]:
     """Normal discussions, one after another, for as long as the batch runs (at least one)."""
-    finished = []
+    finished: list[session_pb2.Discussion] = []
     while True:
         finished.append(await normal_discussion(suite, f"canary {len(finished)}: does the suite still work?"))
         with contextlib.suppress(TimeoutError):
