@@ -6,6 +6,7 @@ import asyncio
 import pathlib
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from typing import Any
 
 import grpc
 import pytest
@@ -22,7 +23,8 @@ from tests.shared.conftest import monitor_settings
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
-FAST = {"health_check_interval_seconds": 0.05, "health_check_timeout_seconds": 0.5}
+# Any: splatted into settings constructors, whose signatures also take pydantic-settings' own options.
+FAST: dict[str, Any] = {"health_check_interval_seconds": 0.05, "health_check_timeout_seconds": 0.5}
 
 
 async def statuses(host: ServiceHost) -> dict[str, int]:
@@ -184,7 +186,7 @@ async def test_redis_down_turns_the_host_not_serving_and_back(
 async def session_statuses(host: ServiceHost) -> tuple[int, int]:
     async with grpc.aio.insecure_channel(host.address) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
-        return tuple(  # type: ignore[return-value]
+        return tuple(
             [
                 (await stub.Check(health_pb2.HealthCheckRequest(service=name), timeout=5)).status
                 for name in ("", "roundtable.session.v1.SessionService")
