@@ -27,7 +27,7 @@ def open_paths() -> set[str]:
     return paths
 
 
-async def discuss(agents: agents_pb2_grpc.AgentServiceStub, session_id: str) -> None:
+async def discuss(agents: agents_pb2_grpc.AgentServiceAsyncStub, session_id: str) -> None:
     request = agents_pb2.RunDiscussionRequest(
         session_id=session_id, topic="descriptors", personas=["科学家", "工程师", "主持人"], rounds=1
     )

@@ -140,8 +140,13 @@ async def test_streaming_methods_of_an_internal_contract_check_the_credential() 
     await server.start()
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-            lane = channel.stream_stream("/roundtable.agents.v1.AgentService/Lane")
-            counter = channel.stream_unary("/roundtable.agents.v1.AgentService/Count")
+            # No serializers: raw bytes both ways, as the handlers above take and answer them.
+            lane: grpc.aio.StreamStreamMultiCallable[bytes, bytes] = channel.stream_stream(
+                "/roundtable.agents.v1.AgentService/Lane"
+            )
+            counter: grpc.aio.StreamUnaryMultiCallable[bytes, bytes] = channel.stream_unary(
+                "/roundtable.agents.v1.AgentService/Count"
+            )
 
             async def replies(requests: list[bytes], metadata: Any) -> list[bytes]:
                 return [reply async for reply in lane(iter(requests), metadata=metadata, timeout=5)]
