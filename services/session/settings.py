@@ -47,7 +47,7 @@ class SessionSettings(ServiceSettings):
         "redis://127.0.0.1:6379/0",
         description=(
             "With --store redis: discussions, events, admission leases and rate limits (rediss:// for TLS; "
-            "redis+cluster://host:port or rediss+cluster:// names a Redis Cluster by any of its nodes)."
+            "redis+cluster://host:port[,host:port…] or rediss+cluster:// names a Redis Cluster by its nodes)."
         ),
     )
     redis_key_prefix: str = Field(

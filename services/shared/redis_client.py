@@ -1,11 +1,11 @@
 """The one way a service connects to Redis or a Redis Cluster: every command bounded, a dead connection replaced once.
 
-A URL whose scheme is `redis+cluster://` (or `rediss+cluster://`, TLS) names a Redis Cluster by any of
-its nodes; the client then learns the slot map from that node and sends each command to the master of
-its key's slot. The cluster is named by the URL, not by a separate switch, because the URL already
-travels everywhere a connection is described (--redis-url, --llm-budget-redis-url, the environment,
-the Kubernetes config): one value cannot disagree with itself, and every caller that passes a URL
-supports a cluster without a new parameter.
+A URL whose scheme is `redis+cluster://` (or `rediss+cluster://`, TLS) names a Redis Cluster by one or
+more of its nodes (`redis+cluster://10.0.0.5:6379,10.0.0.6:6379`); the client learns the slot map from
+the first that answers and sends each command to the master of its key's slot. The cluster is named by
+the URL, not by a separate switch, because the URL already travels everywhere a connection is described
+(--redis-url, --llm-budget-redis-url, the environment, the Kubernetes config): one value cannot disagree
+with itself, and every caller that passes a URL supports a cluster without a new parameter.
 
 Failure policy: every command (and, on one server, the wait for a pooled connection) is bounded by a
 socket timeout, so a hung or unreachable Redis costs at most about that long, never a hang; a refused
@@ -19,7 +19,7 @@ from __future__ import annotations
 from typing import Any, TypeAlias
 
 import redis.asyncio as redis
-from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.backoff import NoBackoff
 from redis.exceptions import ClusterDownError, RedisClusterException, SlotNotCoveredError, TryAgainError
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -71,10 +71,25 @@ def is_cluster_url(url: str) -> bool:
     return url.partition("://")[0].lower() in CLUSTER_SCHEMES
 
 
-def node_url(url: str) -> str:
-    """The redis:// (rediss://) URL of the node a cluster URL names; any other URL unchanged."""
-    scheme, separator, rest = url.partition("://")
-    return f"{CLUSTER_SCHEMES.get(scheme.lower(), scheme)}{separator}{rest}"
+def cluster_nodes(url: str) -> tuple[str, list[tuple[str, int]]]:
+    """The redis:// (rediss://) URL of the first node a cluster URL names, and the (host, port) of the others.
+
+    `redis+cluster://user:secret@10.0.0.5:6379,10.0.0.6:6379/0?ssl_cert_reqs=none`: every node named is a
+    way in (the client learns the rest from the first that answers); the credentials and options apply to all.
+    """
+    scheme, _, rest = url.partition("://")
+    end = min((index for index in (rest.find("/"), rest.find("?")) if index >= 0), default=len(rest))
+    location, tail = rest[:end], rest[end:]
+    credentials, at, hosts = location.rpartition("@")
+    first, *others = hosts.split(",")
+    return f"{CLUSTER_SCHEMES[scheme.lower()]}://{credentials}{at}{first}{tail}", [_address(h) for h in others]
+
+
+def _address(host_port: str) -> tuple[str, int]:
+    host, colon, port = host_port.rpartition(":")
+    if not colon:
+        return host_port.strip("[]"), 6379
+    return host.strip("[]"), int(port)
 
 
 def connect(
@@ -91,8 +106,10 @@ def connect(
     # redis-py's default retries three times with up to 10 s of back-off: a hang by another name.
     retry = Retry(NoBackoff(), retries=1, supported_errors=(RedisConnectionError,))
     if is_cluster_url(url):
+        first, others = cluster_nodes(url)
         return SlotAwareRedisCluster.from_url(
-            node_url(url),
+            first,
+            startup_nodes=[ClusterNode(host, port) for host, port in others],
             max_connections=max_connections * CLUSTER_CONNECTIONS_FACTOR,
             socket_timeout=timeout_seconds,
             socket_connect_timeout=timeout_seconds,

@@ -14,7 +14,7 @@ from services.agents.llm_budget_redis import connect as budget_connect
 from services.gen.roundtable.session.v1 import session_pb2
 from services.session.redis.connection import RedisUnavailable, connect
 from services.session.stores.redis import RedisStore
-from services.shared.redis_client import node_url
+from services.shared.processes import free_port
 from tests.redis_cluster import LocalRedisCluster, redis_cluster, running_redis_cluster  # noqa: F401  (fixture)
 from tests.session.test_redis_suite import on_redis
 from tests.session.test_store_contract import make_discussion
@@ -55,7 +55,7 @@ async def test_discussions_run_end_to_end_on_a_redis_cluster_and_spread_over_its
     # Each discussion's keys hash by its own id: the documents and event logs spread over every master.
     keys_per_master = []
     for port in redis_cluster.ports:
-        node = connect(node_url(f"redis://127.0.0.1:{port}"))
+        node = connect(f"redis://127.0.0.1:{port}")
         try:
             keys_per_master.append(len([key async for key in node.scan_iter(match="rt:{d:*")]))
         finally:
@@ -79,6 +79,12 @@ async def test_a_lost_master_makes_the_store_and_the_llm_budget_unavailable_not_
             on_lost = [d.discussion_id for d in created if by_node(f"rt:{{d:{d.discussion_id}}}").port == lost_port]
             elsewhere = [d.discussion_id for d in created if d.discussion_id not in on_lost]
             assert on_lost and elsewhere, "twelve ids over three masters"
+
+            # A client whose URL names a node that is gone first finds the cluster through the next one.
+            nodes = ",".join(f"127.0.0.1:{port}" for port in [free_port(), *cluster.ports])
+            starting = connect(f"redis+cluster://{nodes}")
+            assert await starting.exists(f"rt:{{d:{elsewhere[0]}}}") == 1
+            await starting.aclose()
 
             cluster.kill_node(0)
             # Its slots answer UNAVAILABLE at once (the connection is refused); the others still serve.
