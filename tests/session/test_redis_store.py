@@ -17,7 +17,8 @@ from services.session.redis.connection import Client, Script, connect
 from services.session.redis.rate_limit import RedisRateLimiter
 from services.session.stores.redis import RedisStore
 from services.shared.errors import RoundtableError
-from tests.redis_server import redis_server, redis_url  # noqa: F401  (fixtures)
+from tests.redis_cluster import redis_cluster, redis_cluster_url, redis_url  # noqa: F401  (fixtures)
+from tests.redis_server import redis_server  # noqa: F401  (fixture)
 from tests.session.test_store_contract import ALICE, ALL, BOB, COMPLETED, discussion_id, event, make_discussion
 
 
