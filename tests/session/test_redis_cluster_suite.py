@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import grpc
 import pytest
@@ -12,10 +13,19 @@ from services.agents.llm_budget import BudgetLimits, LLMBudgetUnavailable
 from services.agents.llm_budget_redis import FailoverBuckets, RedisBuckets
 from services.agents.llm_budget_redis import connect as budget_connect
 from services.gen.roundtable.session.v1 import session_pb2
+from services.session.redis import connection as redis_connection
 from services.session.redis.connection import RedisUnavailable, connect
 from services.session.stores.redis import RedisStore
 from services.shared.processes import free_port
-from tests.redis_cluster import LocalRedisCluster, redis_cluster, running_redis_cluster  # noqa: F401  (fixture)
+from services.shared.redis_client import is_cluster_url
+from tests.redis_cluster import (  # noqa: F401  (fixtures)
+    LocalRedisCluster,
+    redis_cluster,
+    redis_cluster_url,
+    redis_url,
+    running_redis_cluster,
+)
+from tests.redis_server import redis_server  # noqa: F401  (fixture)
 from tests.session.test_redis_suite import on_redis
 from tests.session.test_store_contract import make_discussion
 from tests.suite import Suite, run_to_end
@@ -115,3 +125,28 @@ async def test_a_lost_master_makes_the_store_and_the_llm_budget_unavailable_not_
                 await closed.close()
         finally:
             await store.close()
+
+
+async def test_ordered_stages_take_one_round_trip_on_a_server_and_one_each_on_a_cluster(
+    redis_url: str,  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A cluster pipeline sends each node its share at once: only separate round trips keep cross-slot order.
+    client = connect(redis_url)
+    round_trips = []
+    real_execute_pipeline = redis_connection.execute_pipeline
+
+    async def counted(*args: Any) -> list[Any]:
+        round_trips.append(args[2])
+        return await real_execute_pipeline(*args)
+
+    monkeypatch.setattr(redis_connection, "execute_pipeline", counted)
+    try:
+        replies = await redis_connection.execute_in_order(
+            client, [], lambda pipe: pipe.set("rt:{idx}:probe", "index"), lambda pipe: pipe.set("rt:{d:1}", "doc")
+        )
+    finally:
+        await client.aclose()
+
+    assert replies == [True, True]
+    assert len(round_trips) == (2 if is_cluster_url(redis_url) else 1)
