@@ -1,4 +1,4 @@
-"""The session service on a real three-master Redis Cluster, through real servers: discussions end to end, spread."""
+"""The session's Redis pieces on a real 3-master Redis Cluster: discussions end to end, a lost master, stages."""
 
 from __future__ import annotations
 
