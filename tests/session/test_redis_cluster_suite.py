@@ -8,6 +8,7 @@ from typing import Any
 
 import grpc
 import pytest
+from redis.asyncio.cluster import RedisCluster
 
 from services.agents.llm_budget import BudgetLimits, LLMBudgetUnavailable
 from services.agents.llm_budget_redis import FailoverBuckets, RedisBuckets
@@ -84,10 +85,12 @@ async def test_a_lost_master_makes_the_store_and_the_llm_budget_unavailable_not_
         store = await RedisStore.open(connect(cluster.url))
         try:
             created = [await store.create("alice", make_discussion(number)) for number in range(12)]
-            lost_port = cluster.ports[0]
-            by_node = store.client.get_node_from_key
-            on_lost = [d.discussion_id for d in created if by_node(f"rt:{{d:{d.discussion_id}}}").port == lost_port]
-            elsewhere = [d.discussion_id for d in created if d.discussion_id not in on_lost]
+            client = store.client
+            assert isinstance(client, RedisCluster)
+            lost = client.get_node(host="127.0.0.1", port=cluster.ports[0])
+            ids = [d.discussion_id for d in created]
+            on_lost = [i for i in ids if client.get_node_from_key(f"rt:{{d:{i}}}") is lost]
+            elsewhere = [i for i in ids if i not in on_lost]
             assert on_lost and elsewhere, "twelve ids over three masters"
 
             # A client whose URL names a node that is gone first finds the cluster through the next one.
@@ -142,9 +145,14 @@ async def test_ordered_stages_take_one_round_trip_on_a_server_and_one_each_on_a_
 
     monkeypatch.setattr(redis_connection, "execute_pipeline", counted)
     try:
-        replies = await redis_connection.execute_in_order(
-            client, [], lambda pipe: pipe.set("rt:{idx}:probe", "index"), lambda pipe: pipe.set("rt:{d:1}", "doc")
-        )
+
+        def index(pipe: redis_connection.Pipeline) -> None:
+            pipe.set("rt:{idx}:probe", "index")
+
+        def document(pipe: redis_connection.Pipeline) -> None:
+            pipe.set("rt:{d:1}", "doc")
+
+        replies = await redis_connection.execute_in_order(client, [], index, document)
     finally:
         await client.aclose()
 
