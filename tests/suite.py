@@ -22,7 +22,8 @@ from services.shared.server import ServiceHost
 from services.simulator.server import RunningSimulator, start_simulator
 from services.simulator.settings import SimulatorSettings
 
-FAST_SIMULATOR = {"port": 0, "first_token_latency_ms": 5, "tokens_per_second": 2000}
+# Any: splatted into SimulatorSettings, whose signature also takes pydantic-settings' own options.
+FAST_SIMULATOR: dict[str, Any] = {"port": 0, "first_token_latency_ms": 5, "tokens_per_second": 2000}
 
 
 @dataclass
@@ -50,24 +51,16 @@ class Suite:
 
     def session(self) -> session_pb2_grpc.SessionServiceAsyncStub:
         """A stub on a channel of its own to the session service (closed with the suite)."""
-        stub: session_pb2_grpc.SessionServiceAsyncStub = session_pb2_grpc.SessionServiceStub(  # type: ignore[assignment]
-            self._channel(self.session_host)
-        )
-        return stub
+        # On an aio channel the generated constructor's overload already gives the async stub.
+        return session_pb2_grpc.SessionServiceStub(self._channel(self.session_host))
 
     def agents(self) -> agents_pb2_grpc.AgentServiceAsyncStub:
         """A stub on a channel of its own to the agent service."""
-        stub: agents_pb2_grpc.AgentServiceAsyncStub = agents_pb2_grpc.AgentServiceStub(  # type: ignore[assignment]
-            self._channel(self.agents_host)
-        )
-        return stub
+        return agents_pb2_grpc.AgentServiceStub(self._channel(self.agents_host))
 
     def monitor(self) -> monitor_pb2_grpc.MonitorServiceAsyncStub:
         """A stub on a channel of its own to the monitor service."""
-        stub: monitor_pb2_grpc.MonitorServiceAsyncStub = monitor_pb2_grpc.MonitorServiceStub(  # type: ignore[assignment]
-            self._channel(self.monitor_host)
-        )
-        return stub
+        return monitor_pb2_grpc.MonitorServiceStub(self._channel(self.monitor_host))
 
     async def restart_session(self, **overrides: Any) -> None:
         """Stop the session service and start a new one with the same settings (and store file)."""

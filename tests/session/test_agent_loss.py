@@ -6,6 +6,7 @@ import asyncio
 from collections.abc import Awaitable, Callable
 
 from services.agents.service import AgentsService
+from services.agents.settings import AgentsSettings
 from services.gen.roundtable.session.v1 import session_pb2
 from services.shared.server import ServiceHost
 from tests.suite import Suite
@@ -29,6 +30,7 @@ async def test_a_discussion_survives_its_agent_replica_and_the_new_one_rebuilds_
     # The agent replica dies mid-round-2; a new one (no agent sets at all) comes up at the same address.
     old = suite.agents_host
     settings = old.settings.model_copy(update={"port": old.port})
+    assert isinstance(settings, AgentsSettings)
     await old.stop(grace_seconds=0)
     suite.agents_host = ServiceHost(settings, AgentsService(settings))
     await suite.agents_host.start()

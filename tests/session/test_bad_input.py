@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable
+
 import grpc
 import pytest
 from google.protobuf import duration_pb2
@@ -47,7 +49,7 @@ async def test_create_rejects_bad_input(suite: Suite, request_: Create, field: s
 @pytest.mark.parametrize("discussion_id", ["", "nope", "../../etc/passwd", "A" * 32, "0" * 33, "ü" * 32])
 async def test_malformed_ids_are_invalid_argument_everywhere(suite: Suite, discussion_id: str) -> None:
     stub = suite.session()
-    calls = [
+    calls: list[Awaitable[object]] = [
         stub.GetDiscussion(session_pb2.GetDiscussionRequest(discussion_id=discussion_id), timeout=5),
         stub.CancelDiscussion(session_pb2.CancelDiscussionRequest(discussion_id=discussion_id), timeout=5),
         stub.DeleteDiscussion(session_pb2.DeleteDiscussionRequest(discussion_id=discussion_id), timeout=5),

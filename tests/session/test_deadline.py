@@ -34,7 +34,7 @@ def records_of(suite: Suite, topic: str) -> list[RequestRecord]:
 
 
 async def follow_to_end(
-    stub: session_pb2_grpc.SessionServiceStub, discussion_id: str
+    stub: session_pb2_grpc.SessionServiceAsyncStub, discussion_id: str
 ) -> tuple[session_pb2.Discussion, list[session_pb2.DiscussionEvent]]:
     request = session_pb2.StreamDiscussionRequest(discussion_id=discussion_id)
     events = [event async for event in stub.StreamDiscussion(request, timeout=30)]

@@ -85,7 +85,7 @@ async def test_one_principal_cannot_see_or_touch_anothers_discussion(
     done = await stub.CreateDiscussion(Create(topic="alice's other", personas=["engineer"]), metadata=bearer(alice))
     await drain(stub, done.discussion_id, bearer(alice))
     for target in (running.discussion_id, done.discussion_id):  # live and stored alike
-        calls = [
+        calls: list[Awaitable[object]] = [
             stub.GetDiscussion(session_pb2.GetDiscussionRequest(discussion_id=target), metadata=bearer(bob)),
             stub.CancelDiscussion(session_pb2.CancelDiscussionRequest(discussion_id=target), metadata=bearer(bob)),
             stub.DeleteDiscussion(session_pb2.DeleteDiscussionRequest(discussion_id=target), metadata=bearer(bob)),
@@ -163,10 +163,10 @@ async def test_global_cap_queues_in_order_then_refuses(make_suite: MakeSuite) ->
         session_pb2.DISCUSSION_STATUS_QUEUED
     ] * 5
     assert len(refused) == 5
-    for error in refused:
-        assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-        assert quota_limit(error) == "max_queued_sessions"
-        assert (retry_delay_seconds(error) or 0) > 0
+    for refusal in refused:
+        assert refusal.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert quota_limit(refusal) == "max_queued_sessions"
+        assert (retry_delay_seconds(refusal) or 0) > 0
     await asyncio.gather(*(drain(stub, d.discussion_id) for d in accepted))
     started_at = {}
     for doc in accepted:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections import Counter, defaultdict
+from collections import Counter, defaultdict, deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -152,7 +152,7 @@ async def test_a_cancel_on_a_lane_stops_only_its_discussion(make_suite: MakeSuit
 def lane_client(suite: Suite, **options: Any) -> LaneAgentsClient:
     """A lanes client of its own (one lane) to the suite's agent service."""
     settings = suite.session_host.settings
-    channel = agents_channel(suite.agents_host.address, settings, max_message_bytes=4 * 2**20)  # type: ignore[arg-type]
+    channel = agents_channel(suite.agents_host.address, settings, max_message_bytes=4 * 2**20)
     defaults: dict[str, Any] = {
         "call_timeout_seconds": 60,
         "max_concurrent_runs": 10,
@@ -186,7 +186,9 @@ async def test_a_discussion_whose_events_are_not_taken_holds_back_only_its_own_r
         stream = lane.live_stream()
         assert stream is not None
         waiting = stream._runs["a" * 32].events
-        buffered = sum(len(batch) for batch in list(waiting._queue))  # type: ignore[attr-defined]
+        # asyncio.Queue's buffer (private, so not in typeshed): read without taking from it.
+        queued: deque[list[agents_pb2.LaneEvent]] = waiting._queue  # type: ignore[attr-defined]
+        buffered = sum(len(batch) for batch in list(queued))
         # It filled its window (the first batch taken, the rest here), then its run waited for credit.
         assert len(first_batch) + buffered == WINDOW
         # Read again, it gets credit back and ends like any other.
@@ -201,7 +203,7 @@ async def test_a_discussion_whose_events_are_not_taken_holds_back_only_its_own_r
 
 async def test_a_lane_past_its_age_is_replaced_and_the_old_one_closes_when_its_runs_end(make_suite: MakeSuite) -> None:
     suite = await make_suite()
-    channel = agents_channel(suite.agents_host.address, suite.session_host.settings, max_message_bytes=4 * 2**20)  # type: ignore[arg-type]
+    channel = agents_channel(suite.agents_host.address, suite.session_host.settings, max_message_bytes=4 * 2**20)
     client = LaneAgentsClient(
         channel,
         call_timeout_seconds=60,

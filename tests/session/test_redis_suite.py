@@ -143,7 +143,7 @@ async def test_a_redis_outage_answers_unavailable_and_the_service_recovers_by_it
         )
 
         server.stop()
-        outage = [
+        outage: list[Awaitable[object]] = [
             stub.CreateDiscussion(
                 session_pb2.CreateDiscussionRequest(topic="During", personas=["engineer"]), timeout=5
             ),
