@@ -186,8 +186,11 @@ def _print_summary(run: Run) -> None:
 def write_outputs(run: Run, doc: pathlib.Path, img: pathlib.Path) -> None:
     """docs/benchmarks.md, its charts and the raw JSON."""
     RESULTS.mkdir(parents=True, exist_ok=True)
-    # A run written to another document (e.g. --only some scenarios) keeps its own results beside latest.json.
+    # A run written to another document (e.g. --only some scenarios) keeps its own results beside latest.json,
+    # and its own charts beside docs/benchmarks.md's (same file names, other data).
     (RESULTS / ("latest.json" if doc == DOC else f"{doc.stem}.json")).write_text(run.to_json())
+    if doc != DOC:
+        img = img / doc.stem
     img.mkdir(parents=True, exist_ok=True)
     prefix = os.path.relpath(img, doc.parent)
     # The run before issue 7's fixes, kept so every later run shows how far they moved each goal.

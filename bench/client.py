@@ -7,7 +7,7 @@ import contextlib
 import itertools
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import grpc
@@ -84,19 +84,32 @@ class BurstResult:
         return sum(n for code, n in self.codes.items() if code != "OK")
 
 
-async def burst(stubs: Stubs, count: int, run_tag: str, ttl_seconds: float = 0) -> BurstResult:
-    """Send `count` CreateDiscussion calls at once; record each one's send and accept time (wall clock)."""
+async def burst(
+    stubs: Stubs,
+    count: int,
+    run_tag: str,
+    ttl_seconds: float = 0,
+    *,
+    in_flight: int | None = None,
+    adjust: Callable[[session_pb2.CreateDiscussionRequest], None] | None = None,
+) -> BurstResult:
+    """Send `count` CreateDiscussion calls (all at once, or at most `in_flight` at a time), each request first
+    passed to `adjust` if given; record each one's send and accept time (wall clock)."""
     result = BurstResult()
     requests = [create_request(i, run_tag, ttl_seconds) for i in range(count)]
+    slots = asyncio.Semaphore(in_flight or max(count, 1))
 
     async def one(request: session_pb2.CreateDiscussionRequest) -> None:
-        sent = time.time()
-        try:
-            doc = await stubs.next().CreateDiscussion(request, timeout=600)
-        except grpc.aio.AioRpcError as error:
-            result.codes[error.code().name] += 1
-            return
-        now = time.time()
+        if adjust is not None:
+            adjust(request)
+        async with slots:
+            sent = time.time()
+            try:
+                doc = await stubs.next().CreateDiscussion(request, timeout=600)
+            except grpc.aio.AioRpcError as error:
+                result.codes[error.code().name] += 1
+                return
+            now = time.time()
         result.codes["OK"] += 1
         result.sent_wall[doc.discussion_id] = sent
         result.accepted_wall[doc.discussion_id] = now

@@ -77,10 +77,12 @@ async def _all_active(system: System, expected: int, deadline: float) -> bool:
         else:
             session = await system.scrape_session()
             agents = await system.scrape_agents()
+            # Runs the agent service holds: RunDiscussion calls open, or runs on lanes (the shipped transport).
             running_calls = agents.total("grpc_server_started_total", grpc_method="RunDiscussion") - agents.total(
                 "grpc_server_handled_total", grpc_method="RunDiscussion"
             )
-            held = min(int(session.total("roundtable_discussions_active")), int(running_calls))
+            running = running_calls + agents.total("roundtable_agent_lane_runs")
+            held = min(int(session.total("roundtable_discussions_active")), int(running))
         if held >= expected:
             return True
         await asyncio.sleep(0.2)

@@ -6,8 +6,8 @@ the moderator's summary: a 4th call, in sequence). K discussions with a bounded 
 flight, and K at once; the servers on core 0, the load on core 1. Rows: bare grpc.aio
 (bench/minimal_server.py), the seed design (bench/seed_server.py, first size only: it is slow),
 Roundtable as shipped (in-process fake LLM), AutoGen 0.7.5's gRPC worker runtime (its own
-virtualenv, bench/peer_autogen*.py) and, once the session service can skip the moderator, Roundtable
-without the summary (PeerPlan.no_summary_row, off by default).
+virtualenv, bench/peer_autogen*.py) and Roundtable without the summary (skip_summary: the like-for-like
+row, 3 calls as the peers make; PeerPlan.no_summary_row, on by default).
 
 `make bench` runs it at full size as scenario `peers`; `python -m bench.peers --sizes 1000 --at-once 0`
 runs it alone at a chosen size and writes docs/benchmarks-peers.md.
@@ -25,10 +25,7 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
-
-import grpc
 
 from bench import client, procs
 from bench.context import Context, PeakRss
@@ -80,7 +77,7 @@ class PeerPlan:
     at_once: int
     repeats: int
     # A Roundtable row with the moderator off (needs CreateDiscussionRequest.skip_summary; see NO_SUMMARY_FIELD).
-    no_summary_row: bool = False
+    no_summary_row: bool = True
 
 
 PLANS = {
@@ -217,39 +214,6 @@ def no_summary_request(request: session_pb2.CreateDiscussionRequest) -> None:
     setattr(request, NO_SUMMARY_FIELD, True)
 
 
-async def paced_burst(
-    stubs: client.Stubs,
-    count: int,
-    run_tag: str,
-    in_flight: int,
-    adjust: Callable[[session_pb2.CreateDiscussionRequest], None] | None = None,
-) -> client.BurstResult:
-    """`count` CreateDiscussion calls, at most `in_flight` at a time; each one's send and accept time (wall clock)."""
-    result = client.BurstResult()
-    slots = asyncio.Semaphore(in_flight)
-
-    async def one(index: int) -> None:
-        request = client.create_request(index, run_tag)
-        if adjust is not None:
-            adjust(request)
-        async with slots:
-            sent = time.time()
-            try:
-                doc = await stubs.next().CreateDiscussion(request, timeout=600)
-            except grpc.aio.AioRpcError as error:
-                result.codes[error.code().name] += 1
-                return
-            now = time.time()
-        result.codes["OK"] += 1
-        result.sent_wall[doc.discussion_id] = sent
-        result.accepted_wall[doc.discussion_id] = now
-        result.last_accepted = max(result.last_accepted, now)
-
-    result.first_sent = time.time()
-    await asyncio.gather(*(one(i) for i in range(count)))
-    return result
-
-
 def failed_within(completed: list[session_pb2.Discussion], with_summary: bool) -> int:
     """Completed discussions missing an answer, or the summary when one was asked for, or with a failed agent."""
     results = 4 if with_summary else 3
@@ -277,7 +241,7 @@ async def grpc_sample(ctx: Context, name: str, count: int, in_flight: int, laten
         client_cpu_before = time.process_time()
         with PeakRss(system.pids, RSS_INTERVAL_SECONDS) as rss:
             adjust = None if with_summary else no_summary_request
-            sent = await paced_burst(stubs, count, f"peers-{time.time_ns()}", in_flight, adjust)
+            sent = await client.burst(stubs, count, f"peers-{time.time_ns()}", in_flight=in_flight, adjust=adjust)
             await client.wait_all_done(stubs, ctx.profile.done_timeout_seconds)
         cpu_seconds = procs.cpu_seconds(system.pids) - cpu_before
         client_cpu_seconds = time.process_time() - client_cpu_before
@@ -464,7 +428,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--in-flight", type=int, default=200, help="creates in flight in the paced runs")
     parser.add_argument("--at-once", type=int, default=5000, help="discussions created at once (0: none)")
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--no-summary-row", action="store_true", help="add Roundtable with the moderator off")
+    parser.add_argument(
+        "--without-no-summary-row",
+        dest="no_summary_row",
+        action="store_false",
+        help="leave out Roundtable with the moderator off",
+    )
     parser.add_argument("--profile", default=FULL.name, choices=sorted(PROFILES), help="latency and timeouts")
     parser.add_argument("--doc", type=pathlib.Path, default=DOC)
     parser.add_argument("--render-only", action="store_true", help="re-render the doc from its saved run (JSON)")
