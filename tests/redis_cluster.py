@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from services.shared.processes import free_ports, log_tail
+from services.shared.processes import free_ports, log_tail, redis_config
 from tests.redis_server import RedisServer, flush, require_redis_server
 from tests.tools import require_tool
 
@@ -35,24 +35,15 @@ def cluster_node_config(
     port: int, directory: pathlib.Path, node_timeout_ms: int = DEFAULT_NODE_TIMEOUT_MS, *, appendonly: bool = False
 ) -> str:
     """redis.conf of one cluster node on loopback, its state in `directory`: no persistence, or `up`'s AOF."""
-    directory = directory.resolve()
-    persistence = ["appendonly yes", "appendfsync everysec"] if appendonly else ["appendonly no"]
-    return "\n".join(
-        [
-            "bind 127.0.0.1",
-            f"port {port}",
-            f'dir "{directory}"',
+    return redis_config(
+        port,
+        directory,
+        appendonly=appendonly,
+        extra_lines=[
             "cluster-enabled yes",
             "cluster-config-file nodes.conf",
             f"cluster-node-timeout {node_timeout_ms}",
-            *persistence,
-            'save ""',
-            "maxmemory-policy noeviction",
-            "daemonize no",
-            "protected-mode yes",
-            f'logfile "{directory / "redis.log"}"',
-            "",
-        ]
+        ],
     )
 
 

@@ -226,16 +226,25 @@ def redis_server_binary() -> str | None:
     return find_tool("redis-server")
 
 
-def redis_config(port: int, directory: pathlib.Path, appendfsync: str = "everysec") -> str:
-    """redis.conf of a private loopback server: AOF on, no snapshots, its data and log in `directory`."""
+def redis_config(
+    port: int,
+    directory: pathlib.Path,
+    appendfsync: str = "everysec",
+    *,
+    appendonly: bool = True,
+    extra_lines: Sequence[str] = (),
+) -> str:
+    """redis.conf of a private loopback server: AOF (unless appendonly=False), no snapshots, its data and log in
+    `directory`; `extra_lines` add settings (a cluster node's)."""
     directory = directory.resolve()
+    persistence = ["appendonly yes", f"appendfsync {appendfsync}"] if appendonly else ["appendonly no"]
     return "\n".join(
         [
             "bind 127.0.0.1",
             f"port {port}",
             f'dir "{directory}"',
-            "appendonly yes",
-            f"appendfsync {appendfsync}",
+            *extra_lines,
+            *persistence,
             'save ""',
             # A store, not a cache: refuse writes when memory runs out rather than drop discussions.
             "maxmemory-policy noeviction",
