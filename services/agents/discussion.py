@@ -11,6 +11,8 @@ from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
+from opentelemetry.trace import Span
+
 from services.agents import metrics, prompts
 from services.agents.agent_set import Agent, AgentSet
 from services.agents.llm import (
@@ -23,6 +25,7 @@ from services.agents.llm import (
 )
 from services.gen.roundtable.agents.v1 import agents_pb2
 from services.gen.roundtable.common.v1 import discussion_pb2
+from services.shared import tracing
 from services.shared.logs import session_context
 
 logger = logging.getLogger(__name__)
@@ -141,10 +144,17 @@ class DiscussionRun:
     def _start(
         self, agent: Agent, round_number: int, user_prompt: str, summary: bool = False
     ) -> asyncio.Task[str | None]:
-        # The task copies the context here, so its log lines carry the session and the agent.
-        with session_context(self._set.session_id, agent.persona.name):
+        # The span of the answer (its LLM calls are its children); no prompt or answer text in it.
+        span = tracing.start_span(
+            "agent.summary" if summary else "agent.answer",
+            attributes={"roundtable.agent": agent.persona.name, "roundtable.round": round_number},
+        )
+        # The task copies the context here, so its log lines carry the session and the agent, and its spans this one.
+        with session_context(self._set.session_id, agent.persona.name), tracing.active(span):
             call = asyncio.create_task(self._answer(agent, round_number, user_prompt, summary))
         call.add_done_callback(self._call_ended)
+        if span is not None:
+            call.add_done_callback(functools.partial(_end_answer_span, span))
         return call
 
     def _call_ended(self, call: asyncio.Task[str | None]) -> None:
@@ -314,3 +324,14 @@ class DiscussionRun:
     def _emit(self, **event: object) -> None:
         self._ready.append(agents_pb2.AgentEvent(**event))  # type: ignore[arg-type]
         self._wake()
+
+
+def _end_answer_span(span: Span, call: asyncio.Task[str | None]) -> None:
+    """End an answer's span as its call ended: cancelled, crashed, failed (no answer) or answered."""
+    if call.cancelled():
+        tracing.fail(span, "cancelled")
+    elif (error := call.exception()) is not None:
+        tracing.fail(span, error)
+    elif call.result() is None:
+        tracing.fail(span, "agent_failed")
+    span.end()

@@ -15,6 +15,8 @@ import time
 from collections.abc import AsyncIterator, Callable
 
 import grpc
+from opentelemetry.context import Context
+from opentelemetry.trace import SpanKind
 
 from services.agents.metrics import (
     AGENT_LANE_EVENTS_PER_MESSAGE,
@@ -23,6 +25,7 @@ from services.agents.metrics import (
     AGENT_LANES_OPEN,
 )
 from services.gen.roundtable.agents.v1 import agents_pb2
+from services.shared import tracing
 from services.shared.errors import RoundtableError
 
 logger = logging.getLogger(__name__)
@@ -137,7 +140,11 @@ class Lane:
         timeout_seconds = order.timeout.ToNanoseconds() / 1e9 if order.HasField("timeout") else None
         self._runs[session_id] = run
         AGENT_LANE_RUNS.inc()
-        run.task = asyncio.create_task(self._drive(run, order.request, timeout_seconds), name=f"lane-run-{session_id}")
+        # The lane's own call carries no one discussion's trace: each run brings its session-side span along.
+        parent = tracing.extract(order.trace_context)
+        run.task = asyncio.create_task(
+            self._drive(run, order.request, timeout_seconds, parent), name=f"lane-run-{session_id}"
+        )
 
     def _cancel(self, session_id: str) -> None:
         # Forgotten at once: the session service closed its side, it expects nothing more for this run.
@@ -145,7 +152,33 @@ class Lane:
         if run is not None and run.task is not None:
             run.task.cancel()
 
-    async def _drive(self, run: _Run, request: agents_pb2.RunDiscussionRequest, timeout_seconds: float | None) -> None:
+    async def _drive(
+        self,
+        run: _Run,
+        request: agents_pb2.RunDiscussionRequest,
+        timeout_seconds: float | None,
+        parent: Context | None,
+    ) -> None:
+        """Drive one run inside its span: a child of the session side's run when the order carried its context."""
+        span = tracing.start_span(
+            "agents.run", kind=SpanKind.SERVER, parent=parent, attributes={"roundtable.discussion_id": run.session_id}
+        )
+        try:
+            with tracing.active(span):
+                code = await self._drive_traced(run, request, timeout_seconds)
+            if code is not grpc.StatusCode.OK:
+                tracing.fail(span, code.name)
+        except BaseException as error:
+            tracing.fail(span, "cancelled" if isinstance(error, asyncio.CancelledError) else error)
+            raise
+        finally:
+            if span is not None:
+                span.end()
+
+    async def _drive_traced(
+        self, run: _Run, request: agents_pb2.RunDiscussionRequest, timeout_seconds: float | None
+    ) -> grpc.StatusCode:
+        """Run the discussion, stream its events, and end the run with its status code (returned)."""
         code, message = grpc.StatusCode.OK, ""
         # As a RunDiscussion call's deadline: the run's LLM calls end before it, the run itself at it.
         deadline = None if timeout_seconds is None else time.monotonic() + timeout_seconds
@@ -172,6 +205,7 @@ class Lane:
             self._out.put_nowait(_ended(run.session_id, code, message))
             if self._requests_done and not self._runs:
                 self._out.put_nowait(None)
+        return code
 
 
 def _ended(session_id: str, code: grpc.StatusCode, message: str) -> agents_pb2.LaneEvent:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sys
 import time
 from collections.abc import AsyncGenerator
 from typing import cast
@@ -34,6 +35,7 @@ from services.agents.llm import (
 from services.agents.llm_budget import LLMBudget
 from services.agents.llm_stream import DEFAULT_RATE_LIMIT_SECONDS, RETRY_COUNT_HEADER, retry_after_seconds
 from services.gen.roundtable.common.v1 import discussion_pb2
+from services.shared import tracing
 
 
 class OpenAISDKChatClient:
@@ -65,8 +67,14 @@ class OpenAISDKChatClient:
         expires = loop.time() + (call.deadline - time.monotonic())
         used_tokens = 0
         completed = False
+        span = tracing.start_llm_span(
+            model=call.model, base_url=self.backend.base_url, max_tokens=call.max_tokens, temperature=call.temperature
+        )
+        usage: discussion_pb2.TokenUsage | None = None
         try:
             # Each await is bounded on its own: a timeout scope must never span a yield.
+            trace_headers: dict[str, str] = {}
+            tracing.inject(trace_headers)
             async with asyncio.timeout_at(expires):
                 stream = await self.sdk.chat.completions.create(
                     model=call.model,
@@ -79,9 +87,9 @@ class OpenAISDKChatClient:
                     stream_options={"include_usage": True},
                     # httpx applies this per read, so it bounds a silent server, not the whole call.
                     timeout=call.timeout_seconds,
+                    extra_headers=trace_headers or None,
                 )
             pieces = 0
-            usage: discussion_pb2.TokenUsage | None = None
             async with stream:
                 chunks = aiter(stream)
                 while True:
@@ -116,6 +124,13 @@ class OpenAISDKChatClient:
             # A malformed SSE line (the SDK does not skip one) or an error event mid-stream.
             raise LLMCallFailed(f"LLM backend {name} failed mid-stream: {error!r}", False) from error
         finally:
+            if span is not None:
+                tracing.end_llm_span(
+                    span,
+                    input_tokens=usage.prompt_tokens if usage is not None else 0,
+                    output_tokens=usage.completion_tokens if usage is not None else 0,
+                    error=None if completed else sys.exc_info()[1],
+                )
             await settle_reservation(reservation, used_tokens, shielded=not completed)
 
     async def _on_response(self, response: httpx2.Response) -> None:

@@ -51,6 +51,7 @@ import email.utils
 import logging
 import math
 import re
+import sys
 import time
 import urllib.parse
 import urllib.request
@@ -73,6 +74,7 @@ from services.agents.llm import (
 )
 from services.agents.llm_budget import LLMBudget, Reservation
 from services.gen.roundtable.common.v1 import discussion_pb2
+from services.shared import tracing
 
 logger = logging.getLogger(__name__)
 
@@ -308,15 +310,26 @@ class StreamingChatClient:
             }
         )
         retries = [0]  # this call's retries so far
+        # Not made active across the yields below: a consumer may close this generator from another context.
+        span = tracing.start_llm_span(
+            model=call.model, base_url=self.backend.base_url, max_tokens=call.max_tokens, temperature=call.temperature
+        )
         try:
-            # The first attempt goes without tenacity: its bookkeeping (~30 µs a call, measured in
-            # bench/llm_clients.py) would be most of this client's overhead on a short answer.
-            opened = await self._attempt(call, body, retries)
-        except _AttemptFailed as first_failure:
-            opened = await self._retry(call, body, retries, first_failure)
+            # Active while the call opens, so its retries are events on it and the request carries its traceparent.
+            with tracing.active(span):
+                try:
+                    # The first attempt goes without tenacity: its bookkeeping (~30 µs a call, measured in
+                    # bench/llm_clients.py) would be most of this client's overhead on a short answer.
+                    opened = await self._attempt(call, body, retries)
+                except _AttemptFailed as first_failure:
+                    opened = await self._retry(call, body, retries, first_failure)
+        except BaseException as failure:
+            tracing.end_llm_span(span, input_tokens=0, output_tokens=0, error=failure)
+            raise
         sse, reservation = opened
         used_tokens = 0
         completed = False
+        usage: discussion_pb2.TokenUsage | None = None
         try:
             texts: list[str] | None = sse.pending
             while texts is not None:
@@ -335,6 +348,13 @@ class StreamingChatClient:
         except TimeoutError as error:
             raise call.timed_out() from error
         finally:
+            if span is not None:
+                tracing.end_llm_span(
+                    span,
+                    input_tokens=usage.prompt_tokens if usage is not None else 0,
+                    output_tokens=usage.completion_tokens if usage is not None else 0,
+                    error=None if completed else sys.exc_info()[1],
+                )
             sse.response.close()  # a no-op once released to the pool; else the socket goes now
             if sse.malformed:
                 logger.warning(
@@ -375,11 +395,15 @@ class StreamingChatClient:
             if remaining_seconds <= 0:
                 raise call.timed_out()
             try:
+                headers = self._headers if not retries[0] else {**self._headers, RETRY_COUNT_HEADER: str(retries[0])}
+                if tracing.is_on():
+                    headers = {**headers}
+                    tracing.inject(headers)  # the provider (or a proxy in front of it) may join the trace
                 response = await self.session.post(
                     self._url,
                     data=body,
                     proxy=self._proxy,
-                    headers=self._headers if not retries[0] else {**self._headers, RETRY_COUNT_HEADER: str(retries[0])},
+                    headers=headers,
                     timeout=aiohttp.ClientTimeout(total=remaining_seconds, ceil_threshold=NO_CEILING_SECONDS),
                 )
             except aiohttp.ClientError as error:
@@ -446,6 +470,18 @@ class StreamingChatClient:
     def _before_retry(self, state: RetryCallState) -> None:
         metrics.LLM_RETRIES.inc()
         state.args[2][0] += 1
+        if tracing.is_on():
+            error = state.outcome.exception() if state.outcome is not None else None
+            reason = error.failure.reason if isinstance(error, _AttemptFailed) else type(error).__qualname__
+            # Only what failed ("LLM backend x answered HTTP 429"): the provider's message may quote the prompt.
+            tracing.add_event(
+                "retry",
+                {
+                    "retry.attempt": state.args[2][0],
+                    "retry.wait_seconds": state.upcoming_sleep,
+                    "retry.reason": reason.split(":", 1)[0],
+                },
+            )
 
     async def close(self) -> None:
         """Close the endpoint pools this client uses (shared ones too: the router closes every client at once)."""

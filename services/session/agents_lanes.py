@@ -33,6 +33,7 @@ from services.session.agents_client import (
     run_request,
 )
 from services.session.metrics import LANE_RUNS_ENDED
+from services.shared import tracing
 
 logger = logging.getLogger(__name__)
 
@@ -74,9 +75,11 @@ class _LaneStream:
         self.draining = False
         self._runs: dict[str, _RunHandle] = {}
         self._send: asyncio.Queue[agents_pb2.RunLaneRequest | None] = asyncio.Queue()
-        self._call = stub.RunLane(metadata=(("x-session-id", lane_key),))
-        self._writer = asyncio.create_task(self._write(), name=f"lane-writer-{lane_key}")
-        self._reader = asyncio.create_task(self._read(), name=f"lane-reader-{lane_key}")
+        # Opened by some run, but carries many: neither the call nor its tasks belong to that run's trace.
+        with tracing.detached():
+            self._call = stub.RunLane(metadata=(("x-session-id", lane_key),))
+            self._writer = asyncio.create_task(self._write(), name=f"lane-writer-{lane_key}")
+            self._reader = asyncio.create_task(self._read(), name=f"lane-reader-{lane_key}")
 
     @property
     def run_count(self) -> int:
@@ -233,6 +236,8 @@ class LaneAgentsClient(GrpcAgentsClient):
         """Run the rest of the discussion on its lane; its events in the batches they arrived in."""
         order = agents_pb2.LaneRun(request=run_request(doc, principal), window=self._window_events)
         order.timeout.FromNanoseconds(int(self._call_timeout_seconds * 1e9))
+        # The lane's metadata is the lane's: the run's trace context goes in the run's own message.
+        tracing.inject(order.trace_context)
         await self._runs.acquire()
         try:
             stream = self._lane(doc.discussion_id).stream()

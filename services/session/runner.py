@@ -17,6 +17,8 @@ import time
 from dataclasses import dataclass, field
 from typing import TypeAlias
 
+from opentelemetry.context import Context
+
 from services.gen.roundtable.common.v1 import discussion_pb2
 from services.gen.roundtable.session.v1 import session_pb2
 from services.session.agents_client import AgentEvents, AgentRunFailed, AgentsClient
@@ -24,6 +26,7 @@ from services.session.document import apply_event, cancel_running_results, failu
 from services.session.metrics import DISCUSSIONS_FINISHED
 from services.session.notifier import EventNotifier
 from services.session.stores.interface import Store
+from services.shared import tracing
 from services.shared.logs import session_context
 
 logger = logging.getLogger(__name__)
@@ -38,6 +41,9 @@ AGENT_ATTEMPTS = 4
 DOCUMENT_EVENTS = frozenset(
     {"status_changed", "agent_completed", "agent_failed", "round_completed", "summary_completed"}
 )
+
+# A run ending in one of these is an error in its trace (a cancel or a suspend is not).
+FAILED_STATUSES = frozenset({session_pb2.DISCUSSION_STATUS_FAILED, session_pb2.DISCUSSION_STATUS_TIMED_OUT})
 
 # A stop with this status leaves the discussion RUNNING in the store, to be resumed after a restart.
 SUSPEND: Status = session_pb2.DISCUSSION_STATUS_RUNNING
@@ -59,6 +65,9 @@ class LiveDiscussion:
     waited: bool = False
     # Its run got past driving the agents (ended, stopped or failed) and settled its record: its slot is free to go.
     settled: bool = False
+    # Where it was made (CreateDiscussion's span, when traced): its run's span is a child of that, even when the
+    # run starts later, promoted from the queue by another call.
+    trace_context: Context = field(default_factory=tracing.current_context)
 
 
 class DiscussionRunner:
@@ -84,6 +93,22 @@ class DiscussionRunner:
 
         Raises CancelledError only when cancelled without a stop (the event loop is closing).
         """
+        doc = live.doc
+        span = tracing.start_span(
+            "discussion.run", parent=live.trace_context, attributes={"roundtable.discussion_id": doc.discussion_id}
+        )
+        try:
+            with tracing.active(span):
+                await self._run(live)
+        finally:
+            if span is not None:
+                status = session_pb2.DiscussionStatus.Name(doc.status)
+                span.set_attribute("roundtable.status", status)
+                if doc.status in FAILED_STATUSES:
+                    tracing.fail(span, status)
+                span.end()
+
+    async def _run(self, live: LiveDiscussion) -> None:
         doc = live.doc
         with session_context(doc.discussion_id):
             resumed = doc.completed_rounds > 0 or doc.last_sequence > 1

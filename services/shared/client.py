@@ -1,5 +1,5 @@
-"""Client-side go-grpc-prometheus metrics for the calls one service makes to another, and a health check of
-the service a channel leads to."""
+"""Client-side go-grpc-prometheus metrics for the calls one service makes to another (carrying the active
+trace's traceparent when tracing is on), and a health check of the service a channel leads to."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from services.shared import metrics
+from services.shared import metrics, tracing
 from services.shared.health import ComponentFailing, HealthCheck
 
 
@@ -26,6 +26,18 @@ class _ClientMethodMetrics:
 
     def handled(self, code: grpc.StatusCode) -> None:
         metrics.CLIENT_HANDLED.labels(*self.labels, code.name).inc()
+
+
+def _traced(details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
+    """The call's details with the active span's traceparent (and tracestate) added to its metadata."""
+    carrier: dict[str, str] = {}
+    tracing.inject(carrier)
+    if not carrier:
+        return details
+    metadata = grpc.aio.Metadata(*(details.metadata or ()), *carrier.items())
+    return grpc.aio.ClientCallDetails(
+        details.method, details.timeout, metadata, details.credentials, details.wait_for_ready
+    )
 
 
 def _method_name(details: grpc.aio.ClientCallDetails) -> str:
@@ -44,6 +56,8 @@ class _UnaryUnary(grpc.aio.UnaryUnaryClientInterceptor):
         stats = self._stats.get(name) or self._stats.setdefault(name, _ClientMethodMetrics(name, "unary"))
         stats.started.inc()
         started = time.perf_counter()
+        if tracing.is_on():
+            client_call_details = _traced(client_call_details)
         call = await continuation(client_call_details, request)
         call.add_done_callback(lambda finished: _observe(stats, started, finished))
         return call
@@ -60,6 +74,8 @@ class _UnaryStream(grpc.aio.UnaryStreamClientInterceptor):
         stats = self._stats.get(name) or self._stats.setdefault(name, _ClientMethodMetrics(name, "server_stream"))
         stats.started.inc()
         started = time.perf_counter()
+        if tracing.is_on():
+            client_call_details = _traced(client_call_details)
         call = await continuation(client_call_details, request)
         call.add_done_callback(lambda finished: _observe(stats, started, finished))
         return call

@@ -1,8 +1,10 @@
-"""The one server interceptor: go-grpc-prometheus metrics, domain-error mapping and the service credential check."""
+"""The one server interceptor: go-grpc-prometheus metrics, domain-error mapping, the service credential check
+and, when tracing is on, a server span per call (the caller's traceparent its parent)."""
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import inspect
 import logging
 import time
@@ -12,8 +14,10 @@ from typing import Any, cast
 
 import grpc
 from google.protobuf.message import DecodeError
+from opentelemetry.context import Context
+from opentelemetry.trace import Span, SpanKind
 
-from services.shared import metrics
+from services.shared import metrics, tracing
 from services.shared.errors import InvalidArgument, RoundtableError, to_grpc_status
 from services.shared.service_auth import ServiceTokenCheck, is_internal_method
 
@@ -142,7 +146,7 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
 
         async def handle(request: Any, context: grpc.aio.ServicerContext) -> Any:
             async with _Call(method, stats, context) as call:
-                self._admit(request, context, guard)
+                self._admit(request, context, guard, call)
                 response = await behavior(request, context)
                 call.code = _final_code(context, grpc.StatusCode.OK)
                 if call.code is grpc.StatusCode.OK:
@@ -158,7 +162,7 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
 
         async def handle(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
             async with _Call(method, stats, context) as call:
-                self._admit(request, context, guard)
+                self._admit(request, context, guard, call)
                 async for response in behavior(request, context):
                     stats.sent.inc()
                     yield response
@@ -166,9 +170,15 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
 
         return handle
 
-    def _admit(self, request: Any, context: grpc.aio.ServicerContext, guard: ServiceTokenCheck | None) -> None:
-        """Name this replica in the trailers, check the credential, refuse a request that did not parse."""
-        if self._instance:
+    def _admit(
+        self, request: Any, context: grpc.aio.ServicerContext, guard: ServiceTokenCheck | None, call: _Call
+    ) -> None:
+        """Name this replica and the call's trace in the trailers, check the credential, refuse a request that did
+        not parse."""
+        trace_id = tracing.trace_id_of(call.span)
+        if trace_id:
+            context.set_trailing_metadata((*self._instance, (tracing.TRACE_ID_METADATA_KEY, trace_id)))
+        elif self._instance:
             context.set_trailing_metadata(self._instance)
         if guard is not None:
             guard.check(context.invocation_metadata())
@@ -186,12 +196,38 @@ class _Call:
         self._started = 0.0
         # The handler sets OK (or the code it set on the context) when it finished; an error sets its own.
         self.code = grpc.StatusCode.UNKNOWN
+        self.span: Span | None = None
+        self._span_token: contextvars.Token[Context] | None = None
 
     async def __aenter__(self) -> _Call:
         self._stats.started.inc()
         self._stats.received.inc()
         self._started = time.perf_counter()
+        if tracing.is_on() and not self._method.startswith(_UNTRACED_PREFIX):
+            self._start_span()
         return self
+
+    def _start_span(self) -> None:
+        """A server span, the caller's traceparent its parent, active for the handler."""
+        carrier = {key: value for key, value in self._context.invocation_metadata() or () if isinstance(value, str)}
+        service, method = metrics.split_method(self._method)
+        self.span = tracing.start_span(
+            self._method.lstrip("/"),
+            kind=SpanKind.SERVER,
+            parent=tracing.extract(carrier),
+            attributes={"rpc.system": "grpc", "rpc.service": service, "rpc.method": method},
+        )
+        self._span_token = tracing.attach(self.span)
+
+    def _end_span(self) -> None:
+        span = self.span
+        if span is None:
+            return
+        tracing.detach(self._span_token)
+        span.set_attribute("rpc.grpc.status_code", self.code.value[0])
+        if self.code in _SERVER_ERROR_CODES:
+            tracing.fail(span, self.code.name)
+        span.end()
 
     async def __aexit__(
         self, error_type: type[BaseException] | None, error: BaseException | None, traceback: TracebackType | None
@@ -211,6 +247,22 @@ class _Call:
         finally:
             self._stats.handled(self.code).inc()
             self._stats.seconds.observe(time.perf_counter() - self._started)
+            self._end_span()
+
+
+# Health checks and reflection: probes every few seconds, whose spans would bury the discussions' traces.
+_UNTRACED_PREFIX = "/grpc."
+# The codes that mark a server span failed, as the OpenTelemetry gRPC conventions list them.
+_SERVER_ERROR_CODES = frozenset(
+    {
+        grpc.StatusCode.UNKNOWN,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.UNIMPLEMENTED,
+        grpc.StatusCode.INTERNAL,
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.DATA_LOSS,
+    }
+)
 
 
 def _guarded_client_streaming(handler: grpc.RpcMethodHandler, guard: ServiceTokenCheck) -> grpc.RpcMethodHandler:

@@ -26,6 +26,7 @@ import traceback
 from collections.abc import Callable
 from logging.handlers import QueueHandler, QueueListener
 
+from services.shared import tracing
 from services.shared.session_logs import SessionLogFiles, install, session_log_files
 from services.shared.settings import LogFormat, ServiceSettings
 
@@ -69,7 +70,7 @@ def session_logger_name(session_id: str, agent: str = "") -> str:
 
 
 class SessionContextFilter(logging.Filter):
-    """Adds session_id, agent, session_tag and session-scoped logger names to each record."""
+    """Adds session_id, agent, session_tag, session-scoped logger names and the active span's ids to each record."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         """Stamp the record; never drops one."""
@@ -77,6 +78,10 @@ class SessionContextFilter(logging.Filter):
         agent = agent_var.get()
         record.session_id = session_id
         record.agent = agent
+        # Read here, on the task that logs: the active span is a contextvar, invisible to the listener thread.
+        ids = tracing.active_ids()
+        if ids is not None:
+            record.trace_id, record.span_id = ids
         record.session_tag = f"[Session-{session_id}]" if session_id else "[-]"
         if session_id:
             record.name = session_logger_name(session_id, agent)
@@ -96,6 +101,10 @@ class JsonFormatter(logging.Formatter):
             "agent": getattr(record, "agent", ""),
             "message": record.getMessage(),
         }
+        trace_id = getattr(record, "trace_id", "")
+        if trace_id:
+            entry["trace_id"] = trace_id
+            entry["span_id"] = getattr(record, "span_id", "")
         # A queued record carries its traceback as text (see _StampingQueueHandler.prepare).
         exception = record.exc_text or (self.formatException(record.exc_info) if record.exc_info else "")
         if exception:

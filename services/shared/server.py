@@ -22,6 +22,7 @@ from services.shared.reporter import InstanceLoad, MonitorReporter
 from services.shared.service_auth import ServiceTokenCheck
 from services.shared.settings import EventLoop, S, ServiceSettings, load_settings
 from services.shared.tls import create_channel, server_credentials
+from services.shared.tracing import setup_tracing, shutdown_tracing
 
 logger = logging.getLogger(__name__)
 
@@ -214,6 +215,8 @@ def run_service(settings_cls: type[S], build: Callable[[S], Service], argv: list
 async def serve(settings: S, build: Callable[[S], Service]) -> None:
     """Run a service until SIGTERM or SIGINT, then stop it gracefully."""
     service = build(settings)
+    # Once per process, from the OTEL_* variables: off (no provider at all) unless an OTLP endpoint is set.
+    setup_tracing(f"roundtable-{service.name}")
     host = ServiceHost(settings, service)
     await host.start()
     stop = asyncio.Event()
@@ -226,3 +229,4 @@ async def serve(settings: S, build: Callable[[S], Service]) -> None:
     await stop.wait()
     logger.info("%s service: shutdown requested", service.name)
     await host.stop()
+    shutdown_tracing()  # exports the spans still buffered

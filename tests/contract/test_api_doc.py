@@ -14,6 +14,7 @@ from services.gen.roundtable.common.v1 import discussion_pb2
 from services.gen.roundtable.session.v1 import session_pb2
 from services.shared.errors import RoundtableError
 from services.shared.interceptor import INSTANCE_METADATA_KEY
+from services.shared.tracing import TRACE_ID_METADATA_KEY
 
 SERVICES = pathlib.Path(__file__).resolve().parents[2] / "services"
 # Codes gRPC itself produces for the public API, beside the services' own errors.
@@ -107,4 +108,11 @@ def test_limits_are_the_ones_quota_failures_name() -> None:
 def test_metadata_keys_are_the_ones_the_services_use() -> None:
     """The metadata table names the trailer the interceptor sets and the keys the servers read."""
     documented = first_column(section("Metadata"))
-    assert documented == {"authorization", "x-session-id", INSTANCE_METADATA_KEY, "grpc-status-details-bin"}
+    assert documented == {
+        "authorization",
+        "x-session-id",
+        INSTANCE_METADATA_KEY,
+        "grpc-status-details-bin",
+        "traceparent",
+        TRACE_ID_METADATA_KEY,
+    }
