@@ -128,29 +128,6 @@ def active(span: Span | None) -> Iterator[None]:
         detach(token)
 
 
-@contextlib.contextmanager
-def traced(
-    name: str,
-    *,
-    kind: SpanKind = SpanKind.INTERNAL,
-    parent: Context | None = None,
-    attributes: Mapping[str, AttributeValue] | None = None,
-) -> Iterator[Span | None]:
-    """A span around the block, active in it, ended after it, with error.type set if the block raised."""
-    span = start_span(name, kind=kind, parent=parent, attributes=attributes)
-    if span is None:
-        yield None
-        return
-    try:
-        with active(span):
-            yield span
-    except BaseException as error:
-        fail(span, error)
-        raise
-    finally:
-        span.end()
-
-
 def fail(span: Span | None, error: BaseException | str) -> None:
     """Mark the span failed: error.type (the exception's class, or the given name) and an ERROR status."""
     if span is None:

@@ -1,7 +1,9 @@
 """Traces of one discussion, exported over OTLP/gRPC to a real receiver the test serves, and tracing off by default.
 
-The suite runs in-process (tests/suite.py), its services sharing one tracer provider; the links between
-them are only what crosses the wire (gRPC metadata, the LaneRun's trace_context), as between processes.
+Most tests run the suite in-process (tests/suite.py), its services sharing one tracer provider; the links
+between them are only what crosses the wire (gRPC metadata, the LaneRun's trace_context), as between
+processes. One runs `roundtable up`'s fleet (session and agent replicas as processes behind Envoy), each
+process with its own provider set up from the OTEL_* variables as in production.
 """
 
 from __future__ import annotations
@@ -21,9 +23,11 @@ from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_serv
 from opentelemetry.proto.common.v1 import common_pb2
 from opentelemetry.proto.trace.v1 import trace_pb2
 
-from services.gen.roundtable.session.v1 import session_pb2
+from services.cli.replicas import Fleet
+from services.gen.roundtable.session.v1 import session_pb2, session_pb2_grpc
 from services.shared import tracing
 from services.shared.logs import JsonFormatter, SessionContextFilter
+from tests.scaleout.conftest import fleet_options, require_tools
 from tests.suite import Suite
 
 TOPIC = "Should the moon have a speed limit?"
@@ -114,17 +118,17 @@ async def traced_suite(
     try:
         yield make_suite
     finally:
-        tracing.shutdown_tracing()
+        await asyncio.to_thread(tracing.shutdown_tracing)
 
 
 async def _wait_for(receiver: OtlpReceiver, trace_id: str, names: set[str], count_of: dict[str, int]) -> None:
     """Flush and wait until the trace holds spans of every name (and at least count_of[name] of some)."""
-    provider = tracing.provider()
-    assert provider is not None
+    provider = tracing.provider()  # None when the spans come from other processes: they export on their own
     deadline = time.monotonic() + 20
     while True:
-        # In a thread: the exporter's call needs this event loop free to answer it.
-        await asyncio.to_thread(provider.force_flush)
+        if provider is not None:
+            # In a thread: the exporter's call needs this event loop free to answer it.
+            await asyncio.to_thread(provider.force_flush)
         spans = receiver.of_trace(trace_id)
         found = {s.span.name for s in spans}
         counts_met = all(sum(1 for s in spans if s.span.name == n) >= c for n, c in count_of.items())
@@ -136,7 +140,12 @@ async def _wait_for(receiver: OtlpReceiver, trace_id: str, names: set[str], coun
 
 async def _run_discussion(suite: Suite, rounds: int = 1) -> tuple[session_pb2.Discussion, str]:
     """Create a discussion under the client's own trace, follow it to its end; (final document, trace id trailer)."""
-    stub = suite.session()
+    return await _run_discussion_on(suite.session(), rounds)
+
+
+async def _run_discussion_on(
+    stub: session_pb2_grpc.SessionServiceAsyncStub, rounds: int = 1
+) -> tuple[session_pb2.Discussion, str]:
     call = stub.CreateDiscussion(
         session_pb2.CreateDiscussionRequest(topic=TOPIC, personas=["scientist", "philosopher"], rounds=rounds),
         metadata=(("traceparent", f"00-{CLIENT_TRACE_ID}-{CLIENT_SPAN_ID}-01"),),
@@ -291,11 +300,47 @@ async def test_json_log_lines_carry_the_active_span_ids(otlp_receiver: tuple[Otl
     tracing.setup_tracing("roundtable-test", {"OTEL_EXPORTER_OTLP_ENDPOINT": endpoint})
     try:
         assert "trace_id" not in line()  # on, but no span active
-        with tracing.traced("work") as span:
-            assert span is not None
+        span = tracing.start_span("work")
+        assert span is not None
+        with tracing.active(span):
             entry = line()
+        span.end()
         span_context = span.get_span_context()
         assert entry["trace_id"] == trace.format_trace_id(span_context.trace_id)
         assert entry["span_id"] == trace.format_span_id(span_context.span_id)
     finally:
-        tracing.shutdown_tracing()
+        # In a thread: the span's export at shutdown is answered by this event loop.
+        await asyncio.to_thread(tracing.shutdown_tracing)
+
+
+async def test_a_fleet_of_processes_behind_envoy_exports_one_trace_per_discussion(
+    otlp_receiver: tuple[OtlpReceiver, str], tmp_path: pathlib.Path
+) -> None:
+    require_tools()
+    receiver, endpoint = otlp_receiver
+    otel = {"OTEL_EXPORTER_OTLP_ENDPOINT": endpoint, "OTEL_BSP_SCHEDULE_DELAY": "100"}
+    options = fleet_options(tmp_path, session_replicas=2, agent_replicas=2, env=otel)
+    async with Fleet.start(options) as fleet, grpc.aio.insecure_channel(fleet.session_address) as channel:
+        assert tracing.provider() is None  # this process traces nothing: every span comes from the fleet
+        final, trailer_trace_id = await _run_discussion_on(session_pb2_grpc.SessionServiceStub(channel))
+        assert final.status == session_pb2.DISCUSSION_STATUS_COMPLETED, final.error
+        assert trailer_trace_id == CLIENT_TRACE_ID
+        await _wait_for(
+            receiver,
+            CLIENT_TRACE_ID,
+            {CREATE_SPAN, "discussion.run", "agents.run", "agent.summary"},
+            {"agent.answer": 2},
+        )
+    spans = receiver.of_trace(CLIENT_TRACE_ID)
+    create = _one(spans, CREATE_SPAN)
+    run = _one(spans, "discussion.run")
+    agent_side = _one(spans, "agents.run")
+    # Envoy passes the traceparent through; each hop's span names its own process.
+    assert create.parent_id == CLIENT_SPAN_ID and create.service_name == "roundtable-session"
+    assert run.parent_id == create.span_id and run.service_name == "roundtable-session"
+    assert agent_side.parent_id == run.span_id and agent_side.service_name == "roundtable-agents"
+    answers = [s for s in spans if s.span.name in ("agent.answer", "agent.summary")]
+    assert len(answers) == 3 and all(a.parent_id == agent_side.span_id for a in answers)
+    chats = [s for s in spans if s.span.name.startswith("chat ")]
+    assert len(chats) == 3 and {c.parent_id for c in chats} == {a.span_id for a in answers}
+    assert all(c.service_name == "roundtable-agents" and c.attribute("gen_ai.operation.name") == "chat" for c in chats)
