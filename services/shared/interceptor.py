@@ -39,6 +39,7 @@ class _MethodMetrics:
         self.sent = metrics.SERVER_MSG_SENT.labels(*self._labels)
         self.seconds = metrics.SERVER_HANDLING_SECONDS.labels(*self._labels)
         self._handled: dict[grpc.StatusCode, Any] = {}
+        self.traced = not full_method.startswith(_UNTRACED_PREFIX) and full_method not in _UNTRACED_METHODS
 
     def handled(self, code: grpc.StatusCode) -> Any:
         """The handled_total child for this code."""
@@ -203,7 +204,7 @@ class _Call:
         self._stats.started.inc()
         self._stats.received.inc()
         self._started = time.perf_counter()
-        if tracing.is_on() and not self._method.startswith(_UNTRACED_PREFIX):
+        if self._stats.traced and tracing.is_on():
             self._start_span()
         return self
 
@@ -250,8 +251,10 @@ class _Call:
             self._end_span()
 
 
-# Health checks and reflection: probes every few seconds, whose spans would bury the discussions' traces.
+# Health checks, reflection and every instance's periodic report to the monitor: a root trace every few
+# seconds from each would bury the discussions' traces.
 _UNTRACED_PREFIX = "/grpc."
+_UNTRACED_METHODS = frozenset({"/roundtable.monitor.v1.MonitorService/ReportInstance"})
 # The codes that mark a server span failed, as the OpenTelemetry gRPC conventions list them.
 _SERVER_ERROR_CODES = frozenset(
     {

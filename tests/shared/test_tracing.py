@@ -344,3 +344,6 @@ async def test_a_fleet_of_processes_behind_envoy_exports_one_trace_per_discussio
     chats = [s for s in spans if s.span.name.startswith("chat ")]
     assert len(chats) == 3 and {c.parent_id for c in chats} == {a.span_id for a in answers}
     assert all(c.service_name == "roundtable-agents" and c.attribute("gen_ai.operation.name") == "chat" for c in chats)
+    # Envoy's health checks and the replicas' reports to the monitor (every 2 s here) make no traces of their own.
+    names = {s.span.name for s in receiver.spans}
+    assert not {name for name in names if name.startswith("grpc.") or name.endswith("/ReportInstance")}, names
