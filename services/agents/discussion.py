@@ -98,11 +98,14 @@ class DiscussionRun:
         """Run the discussion, yielding events; closing the iterator cancels every LLM call."""
         latest = self._replay_prior_rounds() if self._start_round > 1 else {}
         calls: list[asyncio.Task[str | None]] = []
+        round_span: Span | None = None
         try:
             for round_number in range(self._start_round, self._rounds + 1):
                 previous = dict(latest)
+                # Never active across this generator's yields: the answers name it their parent as they start.
+                round_span = tracing.start_span("discussion.round", attributes={"roundtable.round": round_number})
                 calls = [
-                    self._start(agent, round_number, self._user_prompt(agent, round_number, previous))
+                    self._start(agent, round_number, self._user_prompt(agent, round_number, previous), round_span)
                     for agent in self._debaters
                 ]
                 async for event in self._events_of(calls):
@@ -113,6 +116,8 @@ class DiscussionRun:
                     if (text := call.result()) is not None
                 }
                 latest.update(completed)
+                _end_round_span(round_span, len(completed), len(self._debaters) - len(completed))
+                round_span = None
                 yield agents_pb2.AgentEvent(
                     round_completed=discussion_pb2.RoundCompleted(
                         round=round_number,
@@ -127,13 +132,16 @@ class DiscussionRun:
             if self._moderator is not None and latest:
                 summary_round = self._rounds + 1
                 user_prompt = prompts.summary_prompt(self._topic, latest)
-                calls = [self._start(self._moderator, summary_round, user_prompt, summary=True)]
+                calls = [self._start(self._moderator, summary_round, user_prompt, None, summary=True)]
                 async for event in self._events_of(calls):
                     yield event
                 if calls[0].result() is None:
                     with session_context(self._set.session_id):
                         logger.warning("the moderator's summary failed")
         finally:
+            if round_span is not None:
+                tracing.fail(round_span, "interrupted")
+                round_span.end()
             # Client cancel, deadline or an unexpected error: no call outlives the stream.
             pending = [call for call in calls if not call.done()]
             for call in pending:
@@ -142,13 +150,14 @@ class DiscussionRun:
                 await asyncio.wait(pending)
 
     def _start(
-        self, agent: Agent, round_number: int, user_prompt: str, summary: bool = False
+        self, agent: Agent, round_number: int, user_prompt: str, round_span: Span | None, summary: bool = False
     ) -> asyncio.Task[str | None]:
-        # The span of the answer (its LLM calls are its children); no prompt or answer text in it.
-        span = tracing.start_span(
-            "agent.summary" if summary else "agent.answer",
-            attributes={"roundtable.agent": agent.persona.name, "roundtable.round": round_number},
-        )
+        # The span of the answer, in its round's (the summary's: in the run's); its LLM calls are its children.
+        with tracing.active(round_span):
+            span = tracing.start_span(
+                "agent.summary" if summary else "agent.answer",
+                attributes={"roundtable.agent": agent.persona.name, "roundtable.round": round_number},
+            )
         # The task copies the context here, so its log lines carry the session and the agent, and its spans this one.
         with session_context(self._set.session_id, agent.persona.name), tracing.active(span):
             call = asyncio.create_task(self._answer(agent, round_number, user_prompt, summary))
@@ -324,6 +333,17 @@ class DiscussionRun:
     def _emit(self, **event: object) -> None:
         self._ready.append(agents_pb2.AgentEvent(**event))  # type: ignore[arg-type]
         self._wake()
+
+
+def _end_round_span(span: Span | None, completed_agents: int, failed_agents: int) -> None:
+    """End a round's span with its counts; failed when no agent answered."""
+    if span is None:
+        return
+    span.set_attribute("roundtable.completed_agents", completed_agents)
+    span.set_attribute("roundtable.failed_agents", failed_agents)
+    if not completed_agents:
+        tracing.fail(span, "every_agent_failed")
+    span.end()
 
 
 def _end_answer_span(span: Span, call: asyncio.Task[str | None]) -> None:

@@ -174,7 +174,7 @@ async def test_one_discussion_is_one_trace_from_create_to_each_llm_call(
 ) -> None:
     receiver, _ = otlp_receiver
     suite = await traced_suite(session={"agents_transport": transport})
-    final, trailer_trace_id = await _run_discussion(suite)
+    final, trailer_trace_id = await _run_discussion(suite, rounds=2)
     assert final.status == session_pb2.DISCUSSION_STATUS_COMPLETED, final.error
     # The user gets the trace id to hand to support: the one the caller's traceparent started.
     assert trailer_trace_id == CLIENT_TRACE_ID
@@ -183,7 +183,7 @@ async def test_one_discussion_is_one_trace_from_create_to_each_llm_call(
         receiver,
         CLIENT_TRACE_ID,
         {CREATE_SPAN, "discussion.run", "agent.answer", "agent.summary"},
-        {"agent.answer": 2, "agent.summary": 1},
+        {"agent.answer": 4, "discussion.round": 2, "agent.summary": 1},
     )
     spans = receiver.of_trace(CLIENT_TRACE_ID)
     by_id = {s.span_id: s for s in spans}
@@ -206,16 +206,23 @@ async def test_one_discussion_is_one_trace_from_create_to_each_llm_call(
         assert agent_side.attribute("roundtable.discussion_id") == run.attribute("roundtable.discussion_id")
     assert agent_side.service_name == "roundtable-suite"
 
-    answers = [s for s in spans if s.span.name in ("agent.answer", "agent.summary")]
-    assert {(a.attribute("roundtable.agent"), a.attribute("roundtable.round")) for a in answers} == {
-        ("科学家", 1),
+    # Each round's answers in the round's span; the summary in the run's.
+    rounds = {s.attribute("roundtable.round"): s for s in spans if s.span.name == "discussion.round"}
+    assert set(rounds) == {1, 2} and all(r.parent_id == agent_side.span_id for r in rounds.values())
+    assert all(r.attribute("roundtable.completed_agents") == 2 for r in rounds.values())
+    answers = [s for s in spans if s.span.name == "agent.answer"]
+    assert sorted((a.attribute("roundtable.agent"), a.attribute("roundtable.round")) for a in answers) == [
         ("哲学家", 1),
-        ("主持人", 2),
-    }
-    assert all(a.parent_id == agent_side.span_id for a in answers)
+        ("哲学家", 2),
+        ("科学家", 1),
+        ("科学家", 2),
+    ]
+    assert all(a.parent_id == rounds[a.attribute("roundtable.round")].span_id for a in answers)
+    summary = _one(spans, "agent.summary")
+    assert summary.attribute("roundtable.agent") == "主持人" and summary.parent_id == agent_side.span_id
     chats = [s for s in spans if s.span.name.startswith("chat ")]
-    assert len(chats) == 3
-    answer_ids = {a.span_id for a in answers}
+    assert len(chats) == 5
+    answer_ids = {a.span_id for a in [*answers, summary]}
     for chat in chats:
         assert chat.parent_id in answer_ids
         assert chat.span.kind == trace_pb2.Span.SPAN_KIND_CLIENT
@@ -339,8 +346,11 @@ async def test_a_fleet_of_processes_behind_envoy_exports_one_trace_per_discussio
     assert create.parent_id == CLIENT_SPAN_ID and create.service_name == "roundtable-session"
     assert run.parent_id == create.span_id and run.service_name == "roundtable-session"
     assert agent_side.parent_id == run.span_id and agent_side.service_name == "roundtable-agents"
+    round_span = _one(spans, "discussion.round")
+    assert round_span.parent_id == agent_side.span_id
     answers = [s for s in spans if s.span.name in ("agent.answer", "agent.summary")]
-    assert len(answers) == 3 and all(a.parent_id == agent_side.span_id for a in answers)
+    assert len(answers) == 3
+    assert {a.parent_id for a in answers} == {round_span.span_id, agent_side.span_id}
     chats = [s for s in spans if s.span.name.startswith("chat ")]
     assert len(chats) == 3 and {c.parent_id for c in chats} == {a.span_id for a in answers}
     assert all(c.service_name == "roundtable-agents" and c.attribute("gen_ai.operation.name") == "chat" for c in chats)
