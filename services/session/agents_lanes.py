@@ -15,6 +15,7 @@ that joined gets work within a bounded time.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import time
 import zlib
@@ -75,11 +76,12 @@ class _LaneStream:
         self.draining = False
         self._runs: dict[str, _RunHandle] = {}
         self._send: asyncio.Queue[agents_pb2.RunLaneRequest | None] = asyncio.Queue()
-        # Opened by some run, but carries many: neither the call nor its tasks belong to that run's trace.
+        # Opened by some run, but carries many: neither the call nor its tasks belong to that run's trace, nor
+        # to its session's log (the tasks start from an empty context: no session tag, no span).
         with tracing.detached():
             self._call = stub.RunLane(metadata=(("x-session-id", lane_key),))
-            self._writer = asyncio.create_task(self._write(), name=f"lane-writer-{lane_key}")
-            self._reader = asyncio.create_task(self._read(), name=f"lane-reader-{lane_key}")
+        self._writer = asyncio.create_task(self._write(), name=f"lane-writer-{lane_key}", context=contextvars.Context())
+        self._reader = asyncio.create_task(self._read(), name=f"lane-reader-{lane_key}", context=contextvars.Context())
 
     @property
     def run_count(self) -> int:

@@ -8,6 +8,7 @@ consumed holds back only its own run, with no more than its window buffered.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections import Counter, defaultdict, deque
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -20,6 +21,7 @@ from services.gen.roundtable.agents.v1 import agents_pb2, agents_pb2_grpc
 from services.gen.roundtable.session.v1 import session_pb2
 from services.session.agents_client import agents_channel
 from services.session.agents_lanes import LaneAgentsClient
+from services.shared.logs import SessionContextFilter, session_context
 from tests.session.agent_proxy import ForwardingAgentService, serve
 from tests.suite import Suite, run_to_end
 from tests.test_isolation import check_concurrent_discussions_stay_isolated
@@ -232,4 +234,40 @@ async def test_a_lane_past_its_age_is_replaced_and_the_old_one_closes_when_its_r
                 await asyncio.sleep(0.02)
         assert old.broken
     finally:
+        await client.close()
+
+
+class Recording(logging.Handler):
+    """Keeps every record it is handed (after its filters stamped them)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        """Keep it."""
+        self.records.append(record)
+
+
+async def test_a_lane_logs_in_no_discussions_name(make_suite: MakeSuite) -> None:
+    suite = await make_suite()
+    client = lane_client(suite)
+    handler = Recording()
+    handler.addFilter(SessionContextFilter())
+    records = handler.records
+    lanes_logger = logging.getLogger("services.session.agents_lanes")
+    lanes_logger.addHandler(handler)
+    try:
+        with session_context("e" * 32):  # the first run opens the lane inside its own session's context
+            first = client.run(discussion("e" * 32, "opens the lane"), "someone")
+            await anext(first)
+        await suite.agents_host.stop(grace_seconds=0)  # the lane breaks; its reader says so
+        async with asyncio.timeout(10):
+            while not [r for r in records if "lane to the agent service lost" in r.getMessage()]:  # noqa: ASYNC110
+                await asyncio.sleep(0.02)
+        lost = next(r for r in records if "lane to the agent service lost" in r.getMessage())
+        # Written to no session's log file: the lane carries many discussions, it is none of theirs.
+        assert lost.session_id == ""  # type: ignore[attr-defined]
+    finally:
+        lanes_logger.removeHandler(handler)
         await client.close()
