@@ -72,7 +72,7 @@ AGENT_SERVICE = GrpcService(
     name="roundtable.agents.v1.AgentService",
     read_only_methods=("ListPersonas", "GetAgentStats"),
     write_methods=("ReleaseSession",),
-    streaming_methods=("RunDiscussion",),
+    streaming_methods=("RunDiscussion", "RunLane"),
 )
 
 # What Envoy retries on, per kind of method (documented in the module docstring).

@@ -228,17 +228,17 @@ class DiscussionRunner:
         # Deltas stop being recorded near the cap; the structural events always fit within it.
         delta_cutoff = self._max_events - 3 * len(doc.personas) * (doc.rounds + 1) - 10
         async for batch in self._agents.run(doc, live.owner):
-            if doc.last_sequence >= delta_cutoff:
-                batch = [(kind, payload) for kind, payload in batch if kind != "agent_delta"]
-            if batch:
-                await self._record_batch(live, merged_deltas(batch))
+            await self._record_batch(live, merged_deltas(batch), delta_cutoff)
 
-    async def _record_batch(self, live: LiveDiscussion, batch: AgentEvents) -> None:
-        """Sequence events that arrived together, store them in one write, fold them in, then wake readers once."""
+    async def _record_batch(self, live: LiveDiscussion, batch: AgentEvents, delta_cutoff: int) -> None:
+        """Sequence events that arrived together (deltas only below delta_cutoff), store them in one write, fold
+        them in, then wake readers once."""
         doc = live.doc
         stamp = now_timestamp()
         events = []
         for kind, payload in batch:
+            if kind == "agent_delta" and doc.last_sequence >= delta_cutoff:
+                continue
             event = session_pb2.DiscussionEvent(
                 discussion_id=doc.discussion_id,
                 sequence=doc.last_sequence + 1,
@@ -249,6 +249,8 @@ class DiscussionRunner:
             if kind != "agent_delta":
                 _extend_expiry(doc)
             events.append(event)
+        if not events:
+            return
         # Shielded, log before document, as in record(); a batch holds no terminal status (finish() records it).
         await asyncio.shield(self._store.append_events(events))
         if any(kind in DOCUMENT_EVENTS for kind, _ in batch):
