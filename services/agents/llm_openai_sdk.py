@@ -124,13 +124,7 @@ class OpenAISDKChatClient:
             # A malformed SSE line (the SDK does not skip one) or an error event mid-stream.
             raise LLMCallFailed(f"LLM backend {name} failed mid-stream: {error!r}", False) from error
         finally:
-            if span is not None:
-                tracing.end_llm_span(
-                    span,
-                    input_tokens=usage.prompt_tokens if usage is not None else 0,
-                    output_tokens=usage.completion_tokens if usage is not None else 0,
-                    error=None if completed else sys.exc_info()[1],
-                )
+            tracing.end_llm_span(span, usage, error=None if completed else sys.exc_info()[1])
             await settle_reservation(reservation, used_tokens, shielded=not completed)
 
     async def _on_response(self, response: httpx2.Response) -> None:

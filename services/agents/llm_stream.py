@@ -324,7 +324,7 @@ class StreamingChatClient:
                 except _AttemptFailed as first_failure:
                     opened = await self._retry(call, body, retries, first_failure)
         except BaseException as failure:
-            tracing.end_llm_span(span, input_tokens=0, output_tokens=0, error=failure)
+            tracing.end_llm_span(span, None, error=failure)
             raise
         sse, reservation = opened
         used_tokens = 0
@@ -348,13 +348,7 @@ class StreamingChatClient:
         except TimeoutError as error:
             raise call.timed_out() from error
         finally:
-            if span is not None:
-                tracing.end_llm_span(
-                    span,
-                    input_tokens=usage.prompt_tokens if usage is not None else 0,
-                    output_tokens=usage.completion_tokens if usage is not None else 0,
-                    error=None if completed else sys.exc_info()[1],
-                )
+            tracing.end_llm_span(span, usage, error=None if completed else sys.exc_info()[1])
             sse.response.close()  # a no-op once released to the pool; else the socket goes now
             if sse.malformed:
                 logger.warning(

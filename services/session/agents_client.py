@@ -147,12 +147,17 @@ class GrpcAgentsClient:
             self._runs.release()
 
     async def release(self, discussion_id: str) -> None:
-        """Drop the agent set now; a failure is logged (the agent service also reclaims idle sets itself)."""
+        """Drop the agent set now, on the replica the discussion's own id routes to."""
+        await self._release_call(discussion_id, routing_key=discussion_id)
+
+    async def _release_call(self, discussion_id: str, *, routing_key: str) -> None:
+        """ReleaseSession routed by `routing_key` (x-session-id); a failure is logged (the agent service also
+        reclaims idle sets itself)."""
         try:
             await self._stub.ReleaseSession(
                 agents_pb2.ReleaseSessionRequest(session_id=discussion_id),
                 timeout=RELEASE_TIMEOUT_SECONDS,
-                metadata=(("x-session-id", discussion_id),),
+                metadata=(("x-session-id", routing_key),),
             )
         except grpc.aio.AioRpcError as error:
             logger.warning("could not release agent set of %s: %s", discussion_id, error.code().name)

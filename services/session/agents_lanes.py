@@ -281,16 +281,8 @@ class LaneAgentsClient(GrpcAgentsClient):
         """Drop the agent set where its lane runs: in-band on the lane, else a call routed by the lane key."""
         lane = self._lane(discussion_id)
         stream = lane.live_stream()
-        if stream is not None and stream.release(discussion_id):
-            return
-        try:
-            await self._stub.ReleaseSession(
-                agents_pb2.ReleaseSessionRequest(session_id=discussion_id),
-                timeout=5,
-                metadata=(("x-session-id", lane.key),),
-            )
-        except grpc.aio.AioRpcError as error:
-            logger.warning("could not release agent set of %s: %s", discussion_id, error.code().name)
+        if stream is None or not stream.release(discussion_id):
+            await self._release_call(discussion_id, routing_key=lane.key)
 
     async def close(self) -> None:
         """Close the lanes, then the channel."""

@@ -13,10 +13,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import TypeAlias
 
+from google.protobuf import timestamp_pb2
+from google.protobuf.message import Message
 from opentelemetry.context import Context
 
 from services.gen.roundtable.common.v1 import discussion_pb2
@@ -232,58 +235,54 @@ class DiscussionRunner:
 
     async def _record_batch(self, live: LiveDiscussion, batch: AgentEvents, delta_cutoff: int) -> None:
         """Sequence events that arrived together (deltas only below delta_cutoff), store them in one write, fold
-        them in, then wake readers once."""
+        them in, then wake readers once. A batch holds no terminal status (record() writes that one)."""
         doc = live.doc
         stamp = now_timestamp()
-        events = []
-        for kind, payload in batch:
-            if kind == "agent_delta" and doc.last_sequence >= delta_cutoff:
-                continue
-            event = session_pb2.DiscussionEvent(
-                discussion_id=doc.discussion_id,
-                sequence=doc.last_sequence + 1,
-                time=stamp,
-                **{kind: payload},  # type: ignore[arg-type]
-            )
-            apply_event(doc, event)
-            if kind != "agent_delta":
-                _extend_expiry(doc)
-            events.append(event)
+        events = [
+            _sequenced(doc, kind, payload, stamp)
+            for kind, payload in batch
+            if not (kind == "agent_delta" and doc.last_sequence >= delta_cutoff)
+        ]
         if not events:
             return
-        # Shielded, log before document, as in record(); a batch holds no terminal status (finish() records it).
+        # Shielded: a cancel arriving mid-write must not leave a gap in the sequence. The log is written
+        # before the document, so a document never claims an event the log lacks.
         await asyncio.shield(self._store.append_events(events))
-        if any(kind in DOCUMENT_EVENTS for kind, _ in batch):
+        if any(event.WhichOneof("event") in DOCUMENT_EVENTS for event in events):
             await asyncio.shield(self._store.save(doc))
         self._notifier.publish(doc.discussion_id, doc.last_sequence)
 
-    async def record(self, live: LiveDiscussion, **payload: object) -> None:
-        """Sequence an event, store it, fold it into the document, then wake readers."""
+    async def record(self, live: LiveDiscussion, **payload: Message) -> None:
+        """Sequence one event, store it, fold it into the document, then wake readers."""
+        ((kind, value),) = payload.items()
+        if not (isinstance(value, session_pb2.StatusChanged) and is_terminal(value.status)):
+            await self._record_batch(live, [(kind, value)], delta_cutoff=sys.maxsize)
+            return
+        # The terminal status is saved before its event is appended, so whoever sees the end in the event
+        # log (a reader on another replica) reads a finished document too. Shielded, as above.
         doc = live.doc
-        event = session_pb2.DiscussionEvent(
-            discussion_id=doc.discussion_id,
-            sequence=doc.last_sequence + 1,
-            time=now_timestamp(),
-            **payload,  # type: ignore[arg-type]
-        )
-        apply_event(doc, event)
-        kind = event.WhichOneof("event")
-        if kind != "agent_delta":
-            _extend_expiry(doc)
-        # Shielded: a cancel arriving mid-write must not leave a gap in the sequence. The terminal
-        # status is saved before its event is appended, so whoever sees the end in the event log
-        # (a reader on another replica) reads a finished document too; other events go log first,
-        # so a document never claims an event the log lacks.
-        if kind == "status_changed" and is_terminal(event.status_changed.status):
-            await asyncio.shield(self._store.save(doc))
-            if self._terminal_event_delay_seconds:  # fault injection (tests): the log lags the document
-                await asyncio.shield(asyncio.sleep(self._terminal_event_delay_seconds))
-            await asyncio.shield(self._store.append_events([event]))
-        else:
-            await asyncio.shield(self._store.append_events([event]))
-            if kind in DOCUMENT_EVENTS:
-                await asyncio.shield(self._store.save(doc))
+        event = _sequenced(doc, kind, value, now_timestamp())
+        await asyncio.shield(self._store.save(doc))
+        if self._terminal_event_delay_seconds:  # fault injection (tests): the log lags the document
+            await asyncio.shield(asyncio.sleep(self._terminal_event_delay_seconds))
+        await asyncio.shield(self._store.append_events([event]))
         self._notifier.publish(doc.discussion_id, event.sequence)
+
+
+def _sequenced(
+    doc: session_pb2.Discussion, kind: str, payload: Message, stamp: timestamp_pb2.Timestamp
+) -> session_pb2.DiscussionEvent:
+    """The discussion's next event, folded into its document (progress, not deltas, extends its expiry)."""
+    event = session_pb2.DiscussionEvent(
+        discussion_id=doc.discussion_id,
+        sequence=doc.last_sequence + 1,
+        time=stamp,
+        **{kind: payload},  # type: ignore[arg-type]
+    )
+    apply_event(doc, event)
+    if kind != "agent_delta":
+        _extend_expiry(doc)
+    return event
 
 
 def merged_deltas(batch: AgentEvents) -> AgentEvents:

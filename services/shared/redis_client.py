@@ -103,30 +103,25 @@ def connect(
 
     No I/O until first use: a cluster client reads the slot map on its first command.
     """
-    # redis-py's default retries three times with up to 10 s of back-off: a hang by another name.
-    retry = Retry(NoBackoff(), retries=1, supported_errors=(RedisConnectionError,))
+    # The same connections on one server and on a cluster's nodes.
+    connection: dict[str, Any] = {
+        "socket_timeout": timeout_seconds,
+        "socket_connect_timeout": timeout_seconds,
+        "socket_keepalive": True,
+        # redis-py's default retries three times with up to 10 s of back-off: a hang by another name.
+        "retry": Retry(NoBackoff(), retries=1, supported_errors=(RedisConnectionError,)),
+        "health_check_interval": 30,
+        "client_name": client_name,
+    }
     if is_cluster_url(url):
         first, others = cluster_nodes(url)
         return SlotAwareRedisCluster.from_url(
             first,
             startup_nodes=[ClusterNode(host, port) for host, port in others],
             max_connections=max_connections * CLUSTER_CONNECTIONS_FACTOR,
-            socket_timeout=timeout_seconds,
-            socket_connect_timeout=timeout_seconds,
-            socket_keepalive=True,
-            retry=retry,
-            health_check_interval=30,
-            client_name=client_name,
+            **connection,
         )
     pool = redis.BlockingConnectionPool.from_url(
-        url,
-        max_connections=max_connections,
-        timeout=timeout_seconds,
-        socket_timeout=timeout_seconds,
-        socket_connect_timeout=timeout_seconds,
-        socket_keepalive=True,
-        retry=retry,
-        health_check_interval=30,
-        client_name=client_name,
+        url, max_connections=max_connections, timeout=timeout_seconds, **connection
     )
     return redis.Redis(connection_pool=pool)

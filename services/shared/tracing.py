@@ -17,7 +17,7 @@ import contextvars
 import logging
 import os
 from collections.abc import Iterator, Mapping, MutableMapping
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
@@ -178,15 +178,22 @@ def start_llm_span(*, model: str, base_url: str, max_tokens: int, temperature: f
     return _tracer.start_span(f"chat {model}", kind=SpanKind.CLIENT, attributes=attributes)
 
 
-def end_llm_span(span: Span | None, *, input_tokens: int, output_tokens: int, error: BaseException | None) -> None:
-    """Record the call's token usage (or its error.type) and end its span."""
+class TokenCounts(Protocol):
+    """What an LLM call reports it used (TokenUsage)."""
+
+    prompt_tokens: int
+    completion_tokens: int
+
+
+def end_llm_span(span: Span | None, usage: TokenCounts | None, *, error: BaseException | None) -> None:
+    """Record the call's token usage (0 when it reported none) or its error.type, and end its span."""
     if span is None:
         return
     if error is not None:
         fail(span, error)
     else:
-        span.set_attribute("gen_ai.usage.input_tokens", input_tokens)
-        span.set_attribute("gen_ai.usage.output_tokens", output_tokens)
+        span.set_attribute("gen_ai.usage.input_tokens", usage.prompt_tokens if usage is not None else 0)
+        span.set_attribute("gen_ai.usage.output_tokens", usage.completion_tokens if usage is not None else 0)
     span.end()
 
 
